@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both set up .venv first (idempotent, seconds when nothing changed).
+SHELL := /bin/bash
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: setup demo test lint models models-base clean-models
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(PY) -m vllm_tslt.cli demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests: failing" >&2; exit 1; }
+
+lint: setup
+	$(PY) -m ruff check .
+
+models: setup
+	$(PY) -m vllm_tslt.cli build-models --pair tiny
+
+models-base: setup
+	$(PY) -m vllm_tslt.cli build-models --pair base

@@ -1,0 +1,1 @@
+"""Triton kernels (placeholder until the kernels module lands)."""

@@ -1,0 +1,1 @@
+"""Device side: the draft agent. Installs and imports without vLLM (extra `device`)."""
