@@ -1,0 +1,275 @@
+"""Wire codec: round trips, bit-identical q̃, and refusal of every kind of bad frame (item 2)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_tslt.core.sparsify import PAD_ID, SparseQ, SparsifyConfig, sparsify_then_sample
+from vllm_tslt.protocol import (
+    PROTOCOL_VERSION,
+    Commit,
+    DecodeLimits,
+    Draft,
+    End,
+    Error,
+    Handshake,
+    MsgType,
+    PrefixHasher,
+    ProtocolError,
+    Reason,
+    RequestStart,
+    decode,
+    encode,
+    prefix_hash,
+    vocab_fingerprint,
+)
+from vllm_tslt.protocol.baselines import decode_dsd, decode_tkslt, encode_dsd, encode_tkslt
+from vllm_tslt.protocol.bitpack import BitWriter
+from vllm_tslt.protocol.codec import pack_frame
+
+pytestmark = pytest.mark.unit
+
+V = 1000
+LIMITS = DecodeLimits(vocab_size=V, max_k=64, max_gamma=8, max_candidates=4, max_payload_bytes=1 << 16)
+
+
+def make_draft(cfg: SparsifyConfig, gamma: int = 4, m: int = 1, vocab: int = V, seed: int = 0) -> Draft:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(gamma, vocab, generator=g) * 3
+    cands, q = sparsify_then_sample(logits, cfg, torch.rand(gamma, m, dtype=torch.float64, generator=g))
+    return Draft("req-7", 321, prefix_hash(range(321)), cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
+
+
+def assert_same_draft(a: Draft, b: Draft) -> None:
+    assert (a.request_id, a.committed_len, a.prefix_hash) == (b.request_id, b.committed_len, b.prefix_hash)
+    assert torch.equal(a.tokens, b.tokens) and a.tokens.dtype == b.tokens.dtype == torch.int64
+    assert torch.equal(a.q.indices, b.q.indices) and torch.equal(a.q.counts, b.q.counts)
+    assert a.q.quant_bits == b.q.quant_bits
+    assert torch.equal(a.q.probs(), b.q.probs()), "q̃ must be bit-identical on both sides"
+    assert (a.alternatives is None) == (b.alternatives is None)
+    if a.alternatives is not None:
+        assert torch.equal(a.alternatives, b.alternatives)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "m"),
+    [
+        (SparsifyConfig(), 1),
+        (SparsifyConfig(top_k=1), 1),
+        (SparsifyConfig(temperature=0.0), 1),
+        (SparsifyConfig(top_k=16, quant_bits=8), 2),
+        (SparsifyConfig(top_p=0.9, quant_bits=16), 4),
+        (SparsifyConfig(top_k=2, quant_bits=1), 3),
+    ],
+    ids=str,
+)
+def test_draft_round_trip(cfg: SparsifyConfig, m: int) -> None:
+    draft = make_draft(cfg, m=m)
+    assert_same_draft(draft, decode(encode(draft), LIMITS))
+    assert_valid(decode(encode(draft), LIMITS))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gamma=st.integers(1, 8), m=st.integers(1, 4), bits=st.integers(1, 16),
+    k=st.integers(1, 64), vocab=st.sampled_from([2, 17, 1000, 32000, 151936]), seed=st.integers(0, 10**6),
+    scale=st.floats(0.1, 10.0),
+)
+def test_draft_round_trip_property(gamma, m, bits, k, vocab, seed, scale) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(gamma, vocab, generator=g) * scale
+    cands, q = sparsify_then_sample(logits, SparsifyConfig(top_k=k, quant_bits=bits), torch.rand(gamma, m, dtype=torch.float64, generator=g))
+    draft = Draft("r", 5, 9, cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
+    limits = DecodeLimits(vocab_size=vocab, max_k=64, max_gamma=8, max_candidates=4)
+    assert_same_draft(draft, decode(encode(draft), limits))
+
+
+def test_other_messages_round_trip() -> None:
+    msgs = [
+        Handshake(PROTOCOL_VERSION, V, "ab" * 16, "tiny-target", ("multi_candidate",), {"max_k": 64}),
+        RequestStart("req-1", "sess", (1, 2, 999), {"temperature": 0.7, "seed": 3, "stop": [5, 6], "x": None}),
+        Commit("req-1", 10, (4, 5, 6)),
+        Commit("req-1", 0, ()),
+        End("req-1", "finished"),
+        Error("bad_counts", "row 2", "req-1"),
+    ]
+    for msg in msgs:
+        assert decode(encode(msg), LIMITS) == msg
+
+
+def assert_valid(d: Draft) -> None:
+    """Invariants every decoded draft must satisfy, whatever the bytes were."""
+    idx, cnt = d.q.indices, d.q.counts
+    valid = idx != PAD_ID
+    assert bool((cnt.sum(1) == d.q.total).all()) and bool((cnt[valid] >= 1).all())
+    assert bool((idx[valid] < LIMITS.vocab_size).all()) and bool((idx.long().diff(1)[valid[:, 1:]] > 0).all())
+    assert bool((d.q.prob_of(d.candidates()) > 0).all()), "every candidate in the support"
+    assert d.gamma <= LIMITS.max_gamma and int(valid.sum(1).max()) <= LIMITS.max_k
+
+
+def test_random_corruption_never_gets_through() -> None:
+    """Flip/insert/delete bytes of valid drafts: decode raises ProtocolError or returns a valid draft."""
+    rng = random.Random(0)
+    frames = [encode(make_draft(cfg, m=m, seed=s)) for s, (cfg, m) in enumerate(
+        [(SparsifyConfig(top_k=16, quant_bits=8), 2), (SparsifyConfig(top_p=0.95), 1), (SparsifyConfig(temperature=0.0), 1)])]
+    outcomes = {"error": 0, "valid": 0}
+    for trial in range(3000):
+        data = bytearray(frames[trial % len(frames)])
+        for _ in range(rng.randint(1, 3)):
+            op, pos = rng.random(), rng.randrange(len(data))
+            if op < 0.6:
+                data[pos] ^= 1 << rng.randrange(8)
+            elif op < 0.8:
+                data.insert(pos, rng.randrange(256))
+            elif len(data) > 1:
+                del data[pos]
+        try:
+            assert_valid(decode(bytes(data), LIMITS))
+            outcomes["valid"] += 1
+        except ProtocolError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 1000 and outcomes["valid"] > 0, outcomes
+
+
+def _reason(data: bytes, limits: DecodeLimits = LIMITS) -> Reason:
+    with pytest.raises(ProtocolError) as info:
+        decode(data, limits)
+    return info.value.reason
+
+
+def _draft_frame(fields_after_header: list, header=("r", 1, 2)) -> bytes:
+    return pack_frame(MsgType.DRAFT, [*header, *fields_after_header])
+
+
+def _payload(k: list[int], kw: int, rice: list[int], low: list[int], counts: list[int], bits: int,
+             cols: list[int], col_w: list[int], high: list[int]) -> bytes:
+    w = BitWriter()
+    w.fixed(np.array(k) - 1, kw)
+    w.fixed(rice, 5)
+    w.fixed(low, np.repeat(rice, k))
+    w.fixed(counts, bits)
+    w.fixed(cols, col_w)
+    w.unary(high)
+    return w.to_bytes()
+
+
+def test_handcrafted_payloads() -> None:
+    # One row, k = 2, indices {3, 10} (gaps 3, 6, Rice 0), counts (5, 11) at 4 bits, token column 1.
+    good = _payload([2], 1, [0], [0, 0], [5], 4, [1], [1], [3, 6])
+    d = decode(_draft_frame([1, 1, 4, 1, good]), LIMITS)
+    assert d.q.indices.tolist() == [[3, 10]] and d.q.counts.tolist() == [[5, 11]] and d.tokens.tolist() == [10]
+    bad_count = _payload([2], 1, [0], [0, 0], [0], 4, [1], [1], [3, 6])  # a count of 0
+    assert _reason(_draft_frame([1, 1, 4, 1, bad_count])) == Reason.BAD_COUNTS
+    too_much = _payload([3], 2, [0], [0, 0, 0], [9, 9], 4, [0], [2], [3, 6, 1])  # last = 16 - 18 < 1
+    assert _reason(_draft_frame([1, 1, 4, 2, too_much])) == Reason.BAD_COUNTS
+    bad_col = _payload([3], 2, [0], [0, 0, 0], [5, 5], 4, [3], [2], [3, 6, 1])  # column 3 of k = 3
+    assert _reason(_draft_frame([1, 1, 4, 2, bad_col])) == Reason.NOT_IN_SUPPORT
+    out_of_vocab = _payload([2], 1, [0], [0, 0], [5], 4, [1], [1], [3, 996])  # index 1000
+    assert _reason(_draft_frame([1, 1, 4, 1, out_of_vocab])) == Reason.BAD_INDICES
+    assert _reason(_draft_frame([1, 1, 4, 1, good + b"\x00"])) == Reason.BAD_BITSTREAM
+    assert _reason(_draft_frame([1, 1, 4, 1, good[:-2]])) == Reason.BAD_BITSTREAM
+    k_big = _payload([3], 2, [0], [0, 0, 0], [1, 1], 1, [0], [2], [0, 0, 0])  # k = 3 > 2**1
+    assert _reason(_draft_frame([1, 1, 1, 2, k_big])) == Reason.BAD_COUNTS
+
+
+def test_refusals_by_reason() -> None:
+    draft = encode(make_draft(SparsifyConfig(top_k=8)))
+    frame = msgpack.unpackb(draft)
+    repack = lambda f: msgpack.packb(f, use_bin_type=True)  # noqa: E731
+    assert _reason(repack([2, *frame[1:]])) == Reason.BAD_VERSION
+    assert _reason(repack([frame[0], 99, *frame[2:]])) == Reason.BAD_TYPE
+    assert _reason(repack([frame[0], int(MsgType.DSD_DRAFT), *frame[2:]])) == Reason.BAD_TYPE
+    assert _reason(repack(frame[:-1])) == Reason.MALFORMED
+    assert _reason(repack([*frame[:2], 7, *frame[3:]])) == Reason.MALFORMED  # request_id not a str
+    assert _reason(repack([*frame[:5], 9, *frame[6:]])) == Reason.OUT_OF_RANGE  # gamma > max_gamma
+    assert _reason(repack([*frame[:7], 17, *frame[8:]])) == Reason.OUT_OF_RANGE  # quant_bits
+    assert _reason(repack([*frame[:3], -1, *frame[4:]])) == Reason.OUT_OF_RANGE  # committed_len
+    assert _reason(b"\xc1") == Reason.MALFORMED
+    assert _reason(draft + b"\x00") == Reason.MALFORMED
+    assert _reason(b"") == Reason.MALFORMED
+    assert _reason(msgpack.packb(msgpack.ExtType(1, b"x"))) == Reason.MALFORMED
+    assert _reason(draft, DecodeLimits(vocab_size=V, max_payload_bytes=10)) == Reason.TOO_LARGE
+    wide = encode(make_draft(SparsifyConfig(top_k=64)))
+    assert _reason(wide, DecodeLimits(vocab_size=V, max_k=32)) == Reason.TOO_LARGE
+    assert _reason(encode(Commit("r", 3, (1, 2, V)))) == Reason.OUT_OF_RANGE
+    assert _reason(encode(Commit("r", 1, (1, 2)))) == Reason.OUT_OF_RANGE  # committed_len < new
+    assert _reason(pack_frame(MsgType.COMMIT, ["r", 3, b"\x00" * 5])) == Reason.MALFORMED
+    big_prompt = encode(RequestStart("r", "s", tuple(range(100)), {}))
+    assert _reason(big_prompt, DecodeLimits(vocab_size=V, max_prompt_len=99)) == Reason.TOO_LARGE
+    nan = pack_frame(MsgType.REQUEST_START, ["r", "s", b"", {"temperature": math.nan}])
+    assert _reason(nan) == Reason.NON_FINITE
+    nested = pack_frame(MsgType.REQUEST_START, ["r", "s", b"", {"a": {"b": 1}}])
+    assert _reason(nested) == Reason.MALFORMED
+    assert _reason(pack_frame(MsgType.HANDSHAKE, [V, "f", "m", [1], {}])) == Reason.MALFORMED
+    with pytest.raises(ProtocolError) as info:
+        decode(b"\xc1", LIMITS)
+    assert isinstance(info.value, ValueError) and info.value.reason.value == "malformed"
+
+
+def test_encode_refuses_inconsistent_drafts() -> None:
+    d = make_draft(SparsifyConfig(top_k=4))
+    outside = next(i for i in range(V) if i not in d.q.indices[0].tolist())
+    with pytest.raises(ValueError, match="support"):
+        encode(Draft("r", 1, 1, torch.tensor([outside, *d.tokens[1:].tolist()]), d.q))
+    unsorted = SparseQ(d.q.indices.flip(1).contiguous(), d.q.counts.flip(1).contiguous(), d.q.quant_bits)
+    with pytest.raises(ValueError, match="ascending"):
+        encode(Draft("r", 1, 1, d.tokens, unsorted))
+    bad_sum = SparseQ(d.q.indices, d.q.counts + 1, d.q.quant_bits)
+    with pytest.raises(ValueError, match="counts"):
+        encode(Draft("r", 1, 1, d.tokens, bad_sum))
+    with pytest.raises(ValueError, match="protocol"):
+        encode(Handshake(PROTOCOL_VERSION + 1, V, "f", "m"))
+    with pytest.raises(ValueError, match="finite"):
+        encode(RequestStart("r", "s", (), {"t": math.inf}))
+
+
+def test_payload_is_compact() -> None:
+    """TSLT top-16 at 8 bits over V = 32000 costs well under 1% of DSD fp16 per draft token."""
+    d = make_draft(SparsifyConfig(top_k=16, quant_bits=8), gamma=4, vocab=32000)
+    tslt = len(encode(d)) / 4
+    probs = torch.softmax(torch.randn(4, 32000), -1)
+    dsd16 = len(encode_dsd("req-7", 321, 1, d.tokens, probs, "fp16")) / 4
+    assert dsd16 > 64000 and tslt < 0.01 * dsd16 and tslt < 64, (tslt, dsd16)
+
+
+def test_baselines_round_trip() -> None:
+    limits = DecodeLimits(vocab_size=V, max_payload_bytes=1 << 20)
+    probs = torch.softmax(torch.randn(4, V), -1)
+    tokens = torch.tensor([1, 2, 3, 4])
+    for dtype, size, tol in (("fp32", 4, 0.0), ("fp16", 2, 1e-3)):
+        data = encode_dsd("r", 1, 2, tokens, probs, dtype)
+        assert 4 * V * size < len(data) < 4 * V * size + 64
+        got_tokens, got = decode_dsd(data, limits)
+        assert torch.equal(got_tokens, tokens) and torch.allclose(got, probs, atol=tol, rtol=tol)
+    data = encode_tkslt("r", 1, 2, tokens, probs, top_k=16)
+    assert 4 * 16 * 6 < len(data) < 4 * 16 * 6 + 64
+    got_tokens, values, indices = decode_tkslt(data, limits)
+    assert torch.equal(indices, torch.topk(probs, 16).indices) and torch.equal(got_tokens, tokens)
+    assert torch.allclose(values, torch.topk(probs, 16).values, rtol=1e-3)
+    bad = encode_dsd("r", 1, 2, tokens, torch.full((4, V), float("nan")), "fp16")
+    with pytest.raises(ProtocolError) as info:
+        decode_dsd(bad, limits)
+    assert info.value.reason == Reason.NON_FINITE
+    with pytest.raises(ProtocolError):
+        decode_tkslt(encode_dsd("r", 1, 2, tokens, probs, "fp16"), limits)
+
+
+def test_vocab_fingerprint_and_prefix_hash() -> None:
+    vocab = {"a": 0, "b": 1, "<s>": 2}
+    fp = vocab_fingerprint(vocab)
+    assert fp == vocab_fingerprint(dict(reversed(list(vocab.items())))) and len(fp) == 32
+    assert fp != vocab_fingerprint({"a": 0, "b": 2, "<s>": 1})
+    assert fp != vocab_fingerprint({"a": 0, "b": 1, "<s>": 2, "c": 3})
+    assert vocab_fingerprint({"ab": 0, "c": 1}) != vocab_fingerprint({"a": 0, "bc": 1})
+    hasher = PrefixHasher([5, 6])
+    hasher.update(torch.tensor([7]))
+    assert hasher.value() == prefix_hash([5, 6, 7]) != prefix_hash([5, 6, 8]) and hasher.length == 3
+    assert 0 <= prefix_hash([]) < 2**32

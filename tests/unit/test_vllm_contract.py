@@ -1,0 +1,38 @@
+"""Contract tests: every vLLM symbol vllm-tslt calls or patches, checked in one place.
+
+A vLLM upgrade that moves or changes one of these fails here, loudly, instead of deep in a run.
+Add a test here whenever new code touches a vLLM symbol.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_vllm_version_attribute():
+    import vllm
+
+    assert isinstance(vllm.__version__, str)
+    assert vllm.__version__.split("+")[0] == "0.32.0"
+
+
+def test_llm_generate_signature():
+    from vllm import LLM
+
+    params = inspect.signature(LLM.__init__).parameters
+    for name in ("model", "max_model_len", "dtype", "enforce_eager", "seed"):
+        assert name in params, f"vllm.LLM.__init__ lost {name!r}"
+    gen = inspect.signature(LLM.generate).parameters
+    assert "use_tqdm" in gen
+
+
+def test_sampling_params_fields():
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=3, temperature=0.5, seed=7, extra_args={"tslt_session": "s"})
+    assert (sp.max_tokens, sp.temperature, sp.seed) == (3, 0.5, 7)
+    assert sp.extra_args == {"tslt_session": "s"}

@@ -1,0 +1,107 @@
+"""`vllm-tslt` command line: build-models, demo, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+
+def _pair_table(stats: dict) -> str:
+    rows = [
+        ("parameters (target / draft)", f"{stats['target_params']:,} / {stats['draft_params']:,}"),
+        ("FLOPs per token, target / draft", f"{stats['flops_ratio']}x"),
+        ("vocabulary", f"{stats['vocab_size']}"),
+        ("target logit scale s (temperature 1/s)", f"{stats['logit_scale']}"),
+        ("target held-out loss, raw / at scale s",
+         f"{stats['target_heldout_loss_raw']} / {stats['target_heldout_loss']} nats"),
+        ("target mean entropy", f"{stats['target_mean_entropy']} nats"),
+        ("target median top-p=0.95 nucleus", f"{stats['target_median_nucleus_p95']} tokens"),
+        ("draft/target agreement alpha", f"{stats['alpha']}"),
+        ("build time", f"{stats['build_seconds']['total_s']} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_build_models(args: argparse.Namespace) -> int:
+    from .models.pairs import ensure_pair
+
+    names = ["tiny", "base"] if args.pair == "all" else [args.pair]
+    for name in names:
+        t0 = time.perf_counter()
+        paths = ensure_pair(name)
+        stats = paths.stats()
+        print(f"pair {name!r} ready in {time.perf_counter() - t0:.0f} s at {paths.root}")
+        print(f"  target: {paths.target}\n  draft:  {paths.draft}")
+        print(_pair_table(stats))
+        if args.json:
+            print(json.dumps({k: v for k, v in stats.items() if k != "recipe"}, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate with vllm.LLM (one engine) and print JSON lines: used by the demo and the tests."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, dtype="float32",
+              enforce_eager=True, seed=0)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed)
+    t0 = time.perf_counter()
+    outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    for out in outputs:
+        print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
+                          "token_ids": list(out.outputs[0].token_ids)}))
+    n_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(json.dumps({"generated_tokens": n_tokens, "seconds": round(elapsed, 3)}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(pair=args.pair)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-tslt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-models", help="build (or load from cache) the built-in model pairs")
+    p.add_argument("--pair", default="tiny", choices=["tiny", "base", "all"],
+                   help="which pair: tiny (tests, ~1-2 min), base (demo/benchmarks, <30 min)")
+    p.add_argument("--json", action="store_true", help="also print all stats as JSON")
+    p.set_defaults(func=cmd_build_models)
+
+    p = sub.add_parser("generate", help="generate with vllm.LLM; prints one JSON line per prompt")
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on a built-in model pair")
+    p.add_argument("--pair", default="tiny", choices=["tiny", "base"])
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

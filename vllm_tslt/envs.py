@@ -1,0 +1,20 @@
+"""Every environment variable vllm-tslt reads, in one place (STYLE habit 7)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def tslt_home() -> Path:
+    """Root of vllm-tslt's caches (built models). `VLLM_TSLT_HOME`, default ~/.cache/vllm-tslt."""
+    default = Path.home() / ".cache" / "vllm-tslt"
+    return Path(os.environ.get("VLLM_TSLT_HOME", str(default))).expanduser()
+
+
+def build_threads() -> int:
+    """Torch threads used to build models. `VLLM_TSLT_BUILD_THREADS`, default: all cores.
+
+    The same thread count gives bit-identical weights for the same seed on the same machine.
+    """
+    return int(os.environ.get("VLLM_TSLT_BUILD_THREADS", str(os.cpu_count() or 1)))

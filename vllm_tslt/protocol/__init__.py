@@ -1,0 +1,38 @@
+"""Device <-> edge wire protocol: typed messages and a sans-IO, versioned, validating codec."""
+
+from vllm_tslt.protocol.codec import DecodeLimits, decode, encode
+from vllm_tslt.protocol.errors import ProtocolError, Reason
+from vllm_tslt.protocol.fingerprint import vocab_fingerprint
+from vllm_tslt.protocol.messages import (
+    PROTOCOL_VERSION,
+    Commit,
+    Draft,
+    End,
+    Error,
+    Handshake,
+    Message,
+    MsgType,
+    PrefixHasher,
+    RequestStart,
+    prefix_hash,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Commit",
+    "DecodeLimits",
+    "Draft",
+    "End",
+    "Error",
+    "Handshake",
+    "Message",
+    "MsgType",
+    "PrefixHasher",
+    "ProtocolError",
+    "Reason",
+    "RequestStart",
+    "decode",
+    "encode",
+    "prefix_hash",
+    "vocab_fingerprint",
+]

@@ -1,0 +1,120 @@
+"""Baseline uplink encoders, framed like TSLT drafts so bytes per draft token are comparable.
+
+- DSD (distributed speculative decoding): the dense draft distribution over the whole vocabulary,
+  fp32 or fp16, little-endian.
+- TK-SLT (arXiv 2509.04576): top-K draft probabilities as fp16 plus their int32 indices.
+
+Frame: ``[version, type, request_id, committed_len, prefix_hash, ...]`` exactly like a TSLT Draft,
+then the draft tokens (uint32 LE) and the arrays. Decoders validate sizes, ranges and finiteness.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_tslt.protocol.codec import (
+    MAX_SEQ_LEN,
+    MAX_U32,
+    DecodeLimits,
+    bin_to_ids,
+    ids_to_bin,
+    pack_frame,
+    unpack_frame,
+)
+from vllm_tslt.protocol.errors import (
+    ProtocolError,
+    Reason,
+    expect_fields,
+    get_bin,
+    get_int,
+    get_str,
+)
+from vllm_tslt.protocol.messages import MsgType
+
+_DSD_DTYPES = {"fp32": (0, "<f4"), "fp16": (1, "<f2")}
+
+
+def encode_dsd(
+    request_id: str, committed_len: int, prefix_hash: int,
+    tokens: torch.Tensor,  # [γ] int
+    probs: torch.Tensor,  # [γ, vocab_size] float, the full draft distribution per token
+    dtype: str = "fp16",
+) -> bytes:
+    if dtype not in _DSD_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DSD_DTYPES)}, got {dtype!r}")
+    code, np_dtype = _DSD_DTYPES[dtype]
+    gamma, vocab_size = probs.shape
+    values = probs.detach().to("cpu", torch.float32).numpy().astype(np_dtype).tobytes()
+    fields = [request_id, committed_len, prefix_hash, gamma, vocab_size, code, ids_to_bin(tokens), values]
+    return pack_frame(MsgType.DSD_DRAFT, fields)
+
+
+def decode_dsd(data: bytes, limits: DecodeLimits) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (tokens [γ] int64, probs [γ, vocab_size] float32)."""
+    msg_type, f = unpack_frame(data, limits)
+    if msg_type != MsgType.DSD_DRAFT:
+        raise ProtocolError(Reason.BAD_TYPE, f"expected a DSD draft, got type {msg_type}")
+    expect_fields(f, 8, "dsd_draft")
+    _check_draft_header(f)
+    gamma = get_int(f[3], "gamma", 1, limits.max_gamma)
+    vocab_size = get_int(f[4], "vocab_size", limits.vocab_size, limits.vocab_size)
+    code = get_int(f[5], "dtype", 0, 1)
+    tokens = bin_to_ids(get_bin(f[6], "tokens"), "tokens", vocab_size, gamma)
+    np_dtype = "<f4" if code == 0 else "<f2"
+    values = _floats(get_bin(f[7], "probs"), np_dtype, gamma * vocab_size).reshape(gamma, vocab_size)
+    if tokens.size != gamma:
+        raise ProtocolError(Reason.MALFORMED, f"{tokens.size} tokens for gamma={gamma}")
+    return torch.from_numpy(tokens), torch.from_numpy(values)
+
+
+def encode_tkslt(
+    request_id: str, committed_len: int, prefix_hash: int,
+    tokens: torch.Tensor,  # [γ] int
+    probs: torch.Tensor,  # [γ, vocab_size] float
+    top_k: int,
+) -> bytes:
+    values, indices = torch.topk(probs.detach().to("cpu", torch.float32), top_k, dim=1)  # [γ, K]
+    gamma = probs.shape[0]
+    fields = [request_id, committed_len, prefix_hash, gamma, top_k, ids_to_bin(tokens),
+              values.numpy().astype("<f2").tobytes(), indices.numpy().astype("<i4").tobytes()]
+    return pack_frame(MsgType.TKSLT_DRAFT, fields)
+
+
+def decode_tkslt(data: bytes, limits: DecodeLimits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (tokens [γ] int64, values [γ, K] float32, indices [γ, K] int64)."""
+    msg_type, f = unpack_frame(data, limits)
+    if msg_type != MsgType.TKSLT_DRAFT:
+        raise ProtocolError(Reason.BAD_TYPE, f"expected a TK-SLT draft, got type {msg_type}")
+    expect_fields(f, 8, "tkslt_draft")
+    _check_draft_header(f)
+    gamma = get_int(f[3], "gamma", 1, limits.max_gamma)
+    top_k = get_int(f[4], "top_k", 1, min(limits.max_k, limits.vocab_size))
+    tokens = bin_to_ids(get_bin(f[5], "tokens"), "tokens", limits.vocab_size, gamma)
+    values = _floats(get_bin(f[6], "values"), "<f2", gamma * top_k).reshape(gamma, top_k)
+    raw_idx = get_bin(f[7], "indices")
+    if len(raw_idx) != 4 * gamma * top_k:
+        raise ProtocolError(Reason.MALFORMED, "indices size does not match gamma * top_k")
+    indices = np.frombuffer(raw_idx, dtype="<i4").astype(np.int64).reshape(gamma, top_k)
+    if indices.min() < 0 or indices.max() >= limits.vocab_size:
+        raise ProtocolError(Reason.OUT_OF_RANGE, "an index outside the vocabulary")
+    if tokens.size != gamma:
+        raise ProtocolError(Reason.MALFORMED, f"{tokens.size} tokens for gamma={gamma}")
+    return torch.from_numpy(tokens), torch.from_numpy(values), torch.from_numpy(indices)
+
+
+def _check_draft_header(f: list) -> None:
+    get_str(f[0], "request_id")
+    get_int(f[1], "committed_len", 0, MAX_SEQ_LEN)
+    get_int(f[2], "prefix_hash", 0, MAX_U32)
+
+
+def _floats(buf: bytes, np_dtype: str, count: int) -> np.ndarray:
+    if len(buf) != count * np.dtype(np_dtype).itemsize:
+        raise ProtocolError(Reason.MALFORMED, f"{len(buf)} bytes for {count} values of {np_dtype}")
+    values = np.frombuffer(buf, dtype=np_dtype).astype(np.float32)
+    if not np.isfinite(values).all():
+        raise ProtocolError(Reason.NON_FINITE, "NaN or inf in a probability array")
+    if (values < 0).any():
+        raise ProtocolError(Reason.OUT_OF_RANGE, "negative probability")
+    return values

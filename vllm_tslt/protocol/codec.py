@@ -1,0 +1,223 @@
+"""Sans-IO wire codec: ``encode(msg) -> bytes`` and ``decode(bytes, limits) -> msg``. Never pickle.
+
+Frame: one msgpack array ``[version, type, *fields]``; token-id arrays are raw little-endian uint32
+``bin`` buffers. A draft's sparse rows travel as one packed bitstream (all fields MSB-first):
+
+    k_j - 1          kw bits per row                  support size per row
+    r_j              5 bits per row                   Rice parameter per row (chosen optimally)
+    gap low bits     r_j bits per support entry       gap = index - previous index - 1 (first: index)
+    counts           b bits per entry but each row's last (implied: 2**b - sum of the others)
+    token columns    ceil(log2 k_j) bits per row      position of the draft token in the row
+    alt columns      same width, [γ, m - 1]           positions of the alternatives (draw order)
+    gap high parts   unary per entry                  gap >> r_j
+
+Sending each draft token as a column of its own support makes "drafted token in S" structural, and
+ascending order is structural too (gaps >= 0). ``decode`` still checks everything that can be wrong:
+version, type, field types, sizes against ``DecodeLimits``, index range, counts, trailing bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from vllm_tslt.protocol.errors import (
+    ProtocolError,
+    Reason,
+    expect_fields,
+    get_bin,
+    get_int,
+    get_str,
+    is_int,
+)
+from vllm_tslt.protocol.messages import (
+    PROTOCOL_VERSION,
+    Commit,
+    Draft,
+    End,
+    Error,
+    Handshake,
+    Message,
+    MsgType,
+    RequestStart,
+)
+from vllm_tslt.protocol.sparse_payload import decode_sparse_rows, encode_sparse_rows
+
+MAX_U32 = (1 << 32) - 1
+MAX_SEQ_LEN = 1 << 40
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a peer may send. ``vocab_size`` bounds every token id; the rest bound sizes."""
+
+    vocab_size: int
+    max_k: int = 1024
+    max_gamma: int = 32
+    max_candidates: int = 8
+    max_payload_bytes: int = 1 << 22
+    max_prompt_len: int = 1 << 20
+    max_str_len: int = 512
+    max_params: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_k", "max_gamma", "max_candidates", "max_payload_bytes",
+                     "max_prompt_len", "max_str_len", "max_params"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
+        if self.vocab_size > MAX_U32:
+            raise ValueError(f"DecodeLimits.vocab_size must be <= 2**32 - 1, got {self.vocab_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Framing (shared with baselines.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def pack_frame(msg_type: MsgType, fields: list[Any]) -> bytes:
+    return msgpack.packb([PROTOCOL_VERSION, int(msg_type), *fields], use_bin_type=True)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(Reason.MALFORMED, f"msgpack ext type {code} is not allowed")
+
+
+def unpack_frame(data: bytes, limits: DecodeLimits) -> tuple[int, list[Any]]:
+    """Version-checked ``(type, fields)`` of one frame; sizes bounded before anything is built."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(Reason.MALFORMED, f"expected bytes, got {type(data).__name__}")
+    if len(data) > limits.max_payload_bytes:
+        raise ProtocolError(Reason.TOO_LARGE, f"{len(data)} bytes > max_payload_bytes")
+    try:
+        frame = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext,
+            max_str_len=limits.max_str_len, max_bin_len=limits.max_payload_bytes,
+            max_array_len=max(limits.max_prompt_len, 64), max_map_len=limits.max_params,
+        )
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises ValueError, FormatError, StackError, UnicodeError, ...
+        raise ProtocolError(Reason.MALFORMED, f"not a msgpack frame: {type(e).__name__}: {e}") from e
+    if not isinstance(frame, list) or len(frame) < 2:
+        raise ProtocolError(Reason.MALFORMED, "frame is not [version, type, ...]")
+    version, msg_type = frame[0], frame[1]
+    if not is_int(version) or version != PROTOCOL_VERSION:
+        raise ProtocolError(Reason.BAD_VERSION, f"peer speaks {version!r}, we speak {PROTOCOL_VERSION}")
+    if not is_int(msg_type):
+        raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type!r}")
+    return msg_type, frame[2:]
+
+
+def ids_to_bin(ids: Any) -> bytes:
+    arr = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > MAX_U32):
+        raise ValueError("token ids must be in [0, 2**32)")
+    return arr.astype("<u4").tobytes()
+
+
+def bin_to_ids(buf: bytes, what: str, vocab_size: int, max_len: int) -> np.ndarray:
+    if len(buf) % 4:
+        raise ProtocolError(Reason.MALFORMED, f"{what}: {len(buf)} bytes is not a uint32 array")
+    if len(buf) // 4 > max_len:
+        raise ProtocolError(Reason.TOO_LARGE, f"{what}: {len(buf) // 4} ids > {max_len}")
+    ids = np.frombuffer(buf, dtype="<u4").astype(np.int64)
+    if ids.size and ids.max() >= vocab_size:
+        raise ProtocolError(Reason.OUT_OF_RANGE, f"{what}: id {int(ids.max())} >= vocab_size")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages
+# ----------------------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """Bytes of one frame. Raises ValueError for a message we would refuse to decode ourselves."""
+    if isinstance(msg, Draft):
+        payload, header = encode_sparse_rows(msg.q, msg.tokens, msg.alternatives)
+        fields = [msg.request_id, msg.committed_len, msg.prefix_hash, *header, payload]
+        return pack_frame(MsgType.DRAFT, fields)
+    if isinstance(msg, Commit):
+        return pack_frame(MsgType.COMMIT, [msg.request_id, msg.committed_len, ids_to_bin(msg.new_tokens)])
+    if isinstance(msg, RequestStart):
+        _check_params(msg.sampling_params, ValueError)
+        fields = [msg.request_id, msg.session_id, ids_to_bin(msg.prompt_ids), dict(msg.sampling_params)]
+        return pack_frame(MsgType.REQUEST_START, fields)
+    if isinstance(msg, Handshake):
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise ValueError(f"this codec speaks protocol {PROTOCOL_VERSION}, not {msg.protocol_version}")
+        fields = [msg.vocab_size, msg.vocab_fingerprint, msg.model_name, list(msg.capabilities),
+                  dict(msg.limits)]
+        return pack_frame(MsgType.HANDSHAKE, fields)
+    if isinstance(msg, End):
+        return pack_frame(MsgType.END, [msg.request_id, msg.reason])
+    if isinstance(msg, Error):
+        return pack_frame(MsgType.ERROR, [msg.code, msg.message, msg.request_id])
+    raise TypeError(f"not a protocol message: {type(msg).__name__}")
+
+
+def decode(data: bytes, limits: DecodeLimits) -> Message:
+    """Parse and validate one frame from an untrusted peer. Raises ProtocolError(reason=...)."""
+    msg_type, f = unpack_frame(data, limits)
+    if msg_type == MsgType.DRAFT:
+        expect_fields(f, 8, "draft")
+        q, tokens, alternatives = decode_sparse_rows(f[3:8], limits)
+        return Draft(get_str(f[0], "request_id"), get_int(f[1], "committed_len", 0, MAX_SEQ_LEN),
+                     get_int(f[2], "prefix_hash", 0, MAX_U32), tokens, q, alternatives)
+    if msg_type == MsgType.COMMIT:
+        expect_fields(f, 3, "commit")
+        new = bin_to_ids(get_bin(f[2], "new_tokens"), "new_tokens", limits.vocab_size, limits.max_prompt_len)
+        committed = get_int(f[1], "committed_len", new.size, MAX_SEQ_LEN)
+        return Commit(get_str(f[0], "request_id"), committed, tuple(new.tolist()))
+    if msg_type == MsgType.REQUEST_START:
+        expect_fields(f, 4, "request_start")
+        prompt = bin_to_ids(get_bin(f[2], "prompt_ids"), "prompt_ids", limits.vocab_size, limits.max_prompt_len)
+        params = _check_params(f[3], lambda detail: ProtocolError(Reason.MALFORMED, detail))
+        return RequestStart(get_str(f[0], "request_id"), get_str(f[1], "session_id"),
+                            tuple(prompt.tolist()), params)
+    if msg_type == MsgType.HANDSHAKE:
+        return _decode_handshake(f)
+    if msg_type == MsgType.END:
+        expect_fields(f, 2, "end")
+        return End(get_str(f[0], "request_id"), get_str(f[1], "reason"))
+    if msg_type == MsgType.ERROR:
+        expect_fields(f, 3, "error")
+        return Error(get_str(f[0], "code"), get_str(f[1], "message"), get_str(f[2], "request_id"))
+    raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type}")
+
+
+def _decode_handshake(f: list[Any]) -> Handshake:
+    expect_fields(f, 5, "handshake")
+    caps, limits = f[3], f[4]
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise ProtocolError(Reason.MALFORMED, "capabilities must be a list of str")
+    if not isinstance(limits, dict) or not all(is_int(v) for v in limits.values()):
+        raise ProtocolError(Reason.MALFORMED, "limits must map str to int")
+    return Handshake(PROTOCOL_VERSION, get_int(f[0], "vocab_size", 1, MAX_U32), get_str(f[1], "fingerprint"),
+                     get_str(f[2], "model_name"), tuple(caps), dict(limits))
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _check_params(params: Any, error: Any) -> dict[str, Any]:
+    """Sampling params: str keys; values scalars or flat lists of scalars; floats finite."""
+    if not isinstance(params, dict):
+        raise error("sampling_params must be a map")
+    for key, value in params.items():
+        items = value if isinstance(value, list) else [value]
+        if not isinstance(key, str) or not all(isinstance(v, _SCALARS) for v in items):
+            raise error(f"sampling_params[{key!r}] must be a scalar or a flat list of scalars")
+        if any(isinstance(v, float) and not np.isfinite(v) for v in items):
+            if error is ValueError:
+                raise error(f"sampling_params[{key!r}] is not finite")
+            raise ProtocolError(Reason.NON_FINITE, f"sampling_params[{key!r}]")
+    return dict(params)
+
+
+__all__ = ["DecodeLimits", "decode", "encode", "pack_frame", "unpack_frame"]

@@ -1,0 +1,141 @@
+"""Typed messages between the device (draft agent) and the edge (draft hub). No I/O here.
+
+Sequence conventions (shared by Commit and Draft): a request's *sequence* is its prompt ids followed
+by its committed output ids. ``committed_len`` counts tokens of that whole sequence, and
+``prefix_hash`` is ``prefix_hash(sequence[:committed_len])``. The edge applies a draft only when both
+match its own committed sequence. NOTE: that check is about usefulness, not exactness: a draft token
+sampled from the q̃ it carries verifies losslessly against any context (DESIGN.md rule 4); a stale
+draft merely gets rejected more. So a 32-bit hash is enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from vllm_tslt.core.sparsify import SparseQ
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(IntEnum):
+    HANDSHAKE = 1
+    REQUEST_START = 2
+    COMMIT = 3
+    DRAFT = 4
+    END = 5
+    ERROR = 6
+    # Baseline encoders (vllm_tslt.protocol.baselines); never accepted by codec.decode.
+    DSD_DRAFT = 16
+    TKSLT_DRAFT = 17
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """Sent by each side first. Both must agree on protocol_version, vocab_size and fingerprint."""
+
+    protocol_version: int
+    vocab_size: int
+    vocab_fingerprint: str  # vllm_tslt.protocol.fingerprint.vocab_fingerprint(...)
+    model_name: str
+    capabilities: tuple[str, ...] = ()  # e.g. ("multi_candidate",)
+    limits: dict[str, int] = field(default_factory=dict)  # e.g. {"max_k": 64, "max_gamma": 8}
+
+
+@dataclass(frozen=True)
+class RequestStart:
+    """Edge -> device: a new request to draft for."""
+
+    request_id: str
+    session_id: str
+    prompt_ids: tuple[int, ...]
+    sampling_params: dict[str, Any] = field(default_factory=dict)  # scalars / lists of scalars
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Edge -> device: the sequence is now ``committed_len`` long; ``new_tokens`` were appended."""
+
+    request_id: str
+    committed_len: int
+    new_tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Device -> edge: γ draft tokens, each sampled from the q̃ row sent with it.
+
+    ``alternatives`` ([γ, m - 1] int64, draw order) are the multi-candidate extras drawn i.i.d. from
+    the same q̃ rows as ``tokens`` (the spine). Every token and alternative lies in its row's support.
+    """
+
+    request_id: str
+    committed_len: int  # length of the sequence the draft was conditioned on
+    prefix_hash: int  # prefix_hash(sequence[:committed_len]), uint32
+    tokens: torch.Tensor  # [γ] int64
+    q: SparseQ  # γ rows
+    alternatives: torch.Tensor | None = None  # [γ, m - 1] int64
+
+    @property
+    def gamma(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_candidates(self) -> int:
+        return 1 if self.alternatives is None else 1 + int(self.alternatives.shape[1])
+
+    def candidates(self) -> torch.Tensor:
+        """[γ, m] int64: column 0 the spine, then the alternatives in draw order."""
+        if self.alternatives is None:
+            return self.tokens.view(-1, 1)
+        return torch.cat([self.tokens.view(-1, 1), self.alternatives], dim=1)
+
+
+@dataclass(frozen=True)
+class End:
+    """Either direction: the request is over (finished, aborted, ...); free its state."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either direction: something went wrong; ``code`` is machine-readable (e.g. a Reason value)."""
+
+    code: str
+    message: str
+    request_id: str = ""
+
+
+Message = Union[Handshake, RequestStart, Commit, Draft, End, Error]  # noqa: UP007
+
+
+class PrefixHasher:
+    """Incremental ``prefix_hash``: the edge updates it with each commit instead of rehashing."""
+
+    def __init__(self, token_ids: Iterable[int] = ()) -> None:
+        self._h = hashlib.blake2b(digest_size=4, person=b"tslt-pfx")
+        self.length = 0
+        self.update(token_ids)
+
+    def update(self, token_ids: Iterable[int] | torch.Tensor) -> None:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        ids = np.asarray(list(token_ids), dtype="<u4")
+        self._h.update(ids.tobytes())
+        self.length += ids.size
+
+    def value(self) -> int:
+        return int.from_bytes(self._h.digest(), "little")
+
+
+def prefix_hash(token_ids: Iterable[int] | torch.Tensor) -> int:
+    """32-bit blake2b of the token ids as little-endian uint32."""
+    return PrefixHasher(token_ids).value()
