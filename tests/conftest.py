@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # The tests' own tensors are small: one torch thread is much faster than two when anything else
+    # (a vLLM engine in a child process, another job) shares the 2 cores. Children are unaffected.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """The built-in `tiny` pair (built once per machine, ~1-2 minutes, then cached)."""

@@ -6,6 +6,7 @@ Add a test here whenever new code touches a vLLM symbol.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -24,8 +25,12 @@ def test_llm_generate_signature():
     from vllm import LLM
 
     params = inspect.signature(LLM.__init__).parameters
-    for name in ("model", "max_model_len", "dtype", "enforce_eager", "seed"):
+    for name in ("model", "dtype", "enforce_eager", "seed", "kwargs"):
         assert name in params, f"vllm.LLM.__init__ lost {name!r}"
+    # LLM(**kwargs) forwards the rest to EngineArgs
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert "max_model_len" in {f.name for f in dataclasses.fields(EngineArgs)}
     gen = inspect.signature(LLM.generate).parameters
     assert "use_tqdm" in gen
 
