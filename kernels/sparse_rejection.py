@@ -277,7 +277,7 @@ def sparse_rejection_sample(
         draft_token_ids, cu_num_draft_tokens, max_spec_len, target_probs, sparse_indices,
         sparse_probs, bonus_token_ids, uniform_probs, is_greedy, q, inv_q, alt_token_ids)
     batch_size = cu_num_draft_tokens.shape[0]
-    num_tokens, vocab_size = target_probs.shape
+    vocab_size = target_probs.shape[1]
     out = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
                      device=target_probs.device)
     if batch_size == 0:

@@ -42,5 +42,9 @@ def register() -> None:
     if _registered:
         return
     check_vllm_version()
+    from .patches import apply_all
+
+    applied = apply_all()
     _registered = True
-    logger.debug("vllm-tslt plugin registered (vLLM %s)", installed_vllm_version())
+    logger.debug("vllm-tslt plugin registered (vLLM %s), patches applied: %s",
+                 installed_vllm_version(), applied or "none")

@@ -28,6 +28,7 @@ def test_register_is_idempotent(monkeypatch):
     calls = []
     monkeypatch.setattr(plugin, "_registered", False)
     monkeypatch.setattr(plugin, "check_vllm_version", lambda: calls.append(1))
+    monkeypatch.setattr("vllm_tslt.patches.apply_all", lambda: [])
     plugin.register()
     plugin.register()
     assert calls == [1]

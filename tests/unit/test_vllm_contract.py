@@ -41,3 +41,33 @@ def test_sampling_params_fields():
     sp = SamplingParams(max_tokens=3, temperature=0.5, seed=7, extra_args={"tslt_session": "s"})
     assert (sp.max_tokens, sp.temperature, sp.seed) == (3, 0.5, 7)
     assert sp.extra_args == {"tslt_session": "s"}
+
+
+# --- patches/cpu_expand.py -------------------------------------------------------------------
+
+
+def test_cpu_expand_patch_targets_exist():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.triton_utils import dispatcher
+    from vllm.utils import cpu_triton_utils
+    from vllm.v1.sample import rejection_sampler
+
+    assert callable(cpu_triton_utils._expand_kernel_impl)
+    params = list(inspect.signature(cpu_triton_utils._expand_kernel_impl).parameters)
+    assert params == ["output", "input_val", "cu_num_tokens", "replace_from", "replace_to",
+                      "MAX_NUM_TOKENS"]
+    assert callable(dispatcher.register_kernels) and isinstance(dispatcher._registry, dict)
+    assert callable(CpuPlatform.register_triton_kernel_overrides)
+    assert hasattr(rejection_sampler, "expand_kernel")
+    sig = inspect.signature(rejection_sampler.expand_batch_to_tokens).parameters
+    assert list(sig)[:3] == ["x", "cu_num_tokens", "num_tokens"]
+
+
+def test_plugins_load_before_kernel_overrides_in_workers():
+    """The fix relies on this order in WorkerWrapperBase (general plugins, then CPU overrides)."""
+    from vllm.v1.worker import worker_base
+
+    src = inspect.getsource(worker_base)
+    plugins_at = src.index("load_general_plugins()")
+    overrides_at = src.index("register_triton_kernel_overrides()")
+    assert plugins_at < overrides_at

@@ -143,7 +143,7 @@ def build_pair(recipe: PairRecipe, out_dir: Path) -> dict:
         "recipe": asdict(recipe),
     })
     (out_dir / _DONE).write_text(json.dumps(stats, indent=2))
-    logger.info("built pair %s in %.0fs: %s", recipe.name, times["total_s"], stats)
+    logger.info("built pair %s in %.0f s into %s", recipe.name, times["total_s"], out_dir)
     return stats
 
 
