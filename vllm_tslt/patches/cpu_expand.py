@@ -30,7 +30,7 @@ def expand_kernel_impl_fixed(
     cu_num_tokens: torch.Tensor,  # [batch_size] int, inclusive cumsum of tokens per request
     replace_from,
     replace_to,
-    MAX_NUM_TOKENS=None,  # noqa: N803  (the Triton kernel's argument name)
+    MAX_NUM_TOKENS=None,
 ) -> None:
     """output[t] = input_val[request of t], with replace_from mapped to replace_to."""
     del MAX_NUM_TOKENS
