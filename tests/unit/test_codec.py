@@ -94,7 +94,7 @@ def test_draft_round_trip_property(gamma, m, bits, k, vocab, seed, scale) -> Non
 
 def test_other_messages_round_trip() -> None:
     msgs = [
-        Handshake(PROTOCOL_VERSION, V, "ab" * 16, "tiny-target", ("multi_candidate",), {"max_k": 64}),
+        Handshake(PROTOCOL_VERSION, V, "ab" * 16, "tiny-target", ("multi_candidate",), {"max_k": 64}, "s3ss10n"),
         RequestStart("req-1", "sess", (1, 2, 999), {"temperature": 0.7, "seed": 3, "stop": [5, 6], "x": None}),
         Commit("req-1", 10, (4, 5, 6)),
         Commit("req-1", 0, ()),

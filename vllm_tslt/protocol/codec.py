@@ -152,7 +152,7 @@ def encode(msg: Message) -> bytes:
         if msg.protocol_version != PROTOCOL_VERSION:
             raise ValueError(f"this codec speaks protocol {PROTOCOL_VERSION}, not {msg.protocol_version}")
         fields = [msg.vocab_size, msg.vocab_fingerprint, msg.model_name, list(msg.capabilities),
-                  dict(msg.limits)]
+                  dict(msg.limits), msg.session_id]
         return pack_frame(MsgType.HANDSHAKE, fields)
     if isinstance(msg, End):
         return pack_frame(MsgType.END, [msg.request_id, msg.reason])
@@ -192,14 +192,15 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
 
 
 def _decode_handshake(f: list[Any]) -> Handshake:
-    expect_fields(f, 5, "handshake")
+    expect_fields(f, 6, "handshake")
     caps, limits = f[3], f[4]
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
         raise ProtocolError(Reason.MALFORMED, "capabilities must be a list of str")
     if not isinstance(limits, dict) or not all(is_int(v) for v in limits.values()):
         raise ProtocolError(Reason.MALFORMED, "limits must map str to int")
     return Handshake(PROTOCOL_VERSION, get_int(f[0], "vocab_size", 1, MAX_U32), get_str(f[1], "fingerprint"),
-                     get_str(f[2], "model_name"), tuple(caps), dict(limits))
+                     get_str(f[2], "model_name"), tuple(caps), dict(limits),
+                     get_str(f[5], "session_id"))
 
 
 _SCALARS = (type(None), bool, int, float, str)

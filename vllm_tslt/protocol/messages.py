@@ -46,6 +46,9 @@ class Handshake:
     model_name: str
     capabilities: tuple[str, ...] = ()  # e.g. ("multi_candidate",)
     limits: dict[str, int] = field(default_factory=dict)  # e.g. {"max_k": 64, "max_gamma": 8}
+    # Set by the edge in its reply: the session the device's app requests name in
+    # `vllm_xargs.tslt_session`. Empty in the device's handshake.
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
