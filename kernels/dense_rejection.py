@@ -24,6 +24,8 @@ from ._triton_compat import tl, triton
 PLACEHOLDER_TOKEN_ID = -1
 # vLLM's sample_recovered_tokens launch uses BLOCK_SIZE=8192.
 RECOVERED_BLOCK_SIZE = 8192
+# Torch paths materialise [rows, vocab_size] temporaries; this many rows at a time.
+RECOVER_CHUNK_ROWS = 256
 
 
 def num_draft_tokens_from_cu(cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
@@ -122,9 +124,13 @@ def dense_rejection_sample_ref(
     spine_ok = torch.where(greedy_token, ids == target_argmax.to(torch.int64), random_ok)
 
     def recover(token_idx: torch.Tensor) -> torch.Tensor:
-        # recovered = argmax(max(p - q_draft, 0) * inv_q); first index on ties
-        prob = torch.clamp_min(target_probs[token_idx] - draft_probs[token_idx], 0.0)
-        return (prob.to(inv_q.dtype) * inv_q[req_of_token[token_idx]]).argmax(dim=-1)
+        # recovered = argmax(max(p - q_draft, 0) * inv_q); first index on ties.
+        # NOTE: in row chunks only to bound the temporaries' memory; rows are independent.
+        out = []
+        for rows in token_idx.split(RECOVER_CHUNK_ROWS):
+            prob = torch.clamp_min(target_probs[rows] - draft_probs[rows], 0.0)
+            out.append((prob.to(inv_q.dtype) * inv_q[req_of_token[rows]]).argmax(dim=-1))
+        return torch.cat(out) if out else token_idx.new_empty(0)
 
     all_recovered = recover(torch.arange(num_tokens, device=ids.device)) if recover_all_rows else None
 

@@ -42,7 +42,12 @@ so they agree bit for bit for m > 1 too; kernels are launched with fp fusion (FM
 import torch
 
 from ._triton_compat import next_power_of_2, tl, triton
-from .dense_rejection import PLACEHOLDER_TOKEN_ID, assemble_output, num_draft_tokens_from_cu
+from .dense_rejection import (
+    PLACEHOLDER_TOKEN_ID,
+    RECOVER_CHUNK_ROWS,
+    assemble_output,
+    num_draft_tokens_from_cu,
+)
 
 # Vocab block streamed per loop iteration; 4096 fp32 p + inv_q = 32 KiB in flight per program.
 FUSED_BLOCK_SIZE = 4096
@@ -396,8 +401,8 @@ def sparse_rejection_sample_torch(
         need = (~greedy_token[token_idx]) & (accepted_at[token_idx] < 0)
         if bool(need.any()):
             rows = token_idx[need]
-            tokens[need] = _recover_rows(target_probs[rows], inv_q[req_of_token[rows]],
-                                         sparse_indices[rows], valid[rows], residual[rows])
+            tokens[need] = _recover_rows(target_probs, inv_q, rows, req_of_token[rows],
+                                         sparse_indices, valid, residual)
         if argmax is not None:
             tokens = torch.where(greedy_token[token_idx], argmax[token_idx].long(), tokens)
         return tokens
@@ -406,13 +411,22 @@ def sparse_rejection_sample_torch(
                            bonus_token_ids)
 
 
-def _recover_rows(p_rows, inv_q_rows, indices, valid, residual) -> torch.Tensor:
-    # [rows, vocab_size] score = R * inv_q with R = p outside S and the residual on S
-    score = p_rows.to(inv_q_rows.dtype) * inv_q_rows
-    rows = torch.arange(p_rows.shape[0], device=p_rows.device).unsqueeze(1).expand_as(indices)
-    cols = indices[valid].long()
-    score[rows[valid], cols] = residual[valid].to(inv_q_rows.dtype) * inv_q_rows[rows[valid], cols]
-    return score.argmax(dim=-1)
+def _recover_rows(target_probs, inv_q, token_idx, req_idx, indices, valid, residual):
+    """argmax_v R(v) * inv_q(v) for the given draft rows; R = p outside S, `residual` on S.
+
+    NOTE: in row chunks only to bound the [rows, vocab_size] temporaries; rows are independent.
+    """
+    out = []
+    for chunk in torch.arange(token_idx.shape[0], device=token_idx.device).split(
+            RECOVER_CHUNK_ROWS):
+        tok, iq = token_idx[chunk], inv_q[req_idx[chunk]]
+        score = target_probs[tok].to(iq.dtype) * iq
+        ok = valid[tok]
+        rows = torch.arange(tok.shape[0], device=tok.device).unsqueeze(1).expand_as(ok)
+        cols = indices[tok][ok].long()
+        score[rows[ok], cols] = residual[tok][ok].to(iq.dtype) * iq[rows[ok], cols]
+        out.append(score.argmax(dim=-1))
+    return torch.cat(out)
 
 
 def sparse_rejection_sample_ref(

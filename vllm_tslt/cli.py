@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on a built-in model pair")
     p.add_argument("--pair", default="tiny", choices=["tiny", "base"])
     p.set_defaults(func=cmd_demo)
+
+    from .agent.cli import register_cli as register_agent_cli
+
+    register_agent_cli(sub)
     return parser
 
 
