@@ -24,8 +24,13 @@ from ._triton_compat import tl, triton
 PLACEHOLDER_TOKEN_ID = -1
 # vLLM's sample_recovered_tokens launch uses BLOCK_SIZE=8192.
 RECOVERED_BLOCK_SIZE = 8192
-# Torch paths materialise [rows, vocab_size] temporaries; this many rows at a time.
-RECOVER_CHUNK_ROWS = 256
+# Torch paths materialise [rows, vocab_size] temporaries in chunks of about this many elements
+# (16 MiB of fp32: small enough for the allocator to reuse instead of mapping fresh pages).
+RECOVER_CHUNK_ELEMENTS = 1 << 22
+
+
+def recover_chunk_rows(vocab_size: int) -> int:
+    return max(1, RECOVER_CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
 def num_draft_tokens_from_cu(cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
@@ -127,7 +132,7 @@ def dense_rejection_sample_ref(
         # recovered = argmax(max(p - q_draft, 0) * inv_q); first index on ties.
         # NOTE: in row chunks only to bound the temporaries' memory; rows are independent.
         out = []
-        for rows in token_idx.split(RECOVER_CHUNK_ROWS):
+        for rows in token_idx.split(recover_chunk_rows(target_probs.shape[1])):
             prob = torch.clamp_min(target_probs[rows] - draft_probs[rows], 0.0)
             out.append((prob.to(inv_q.dtype) * inv_q[req_of_token[rows]]).argmax(dim=-1))
         return torch.cat(out) if out else token_idx.new_empty(0)

@@ -44,9 +44,9 @@ import torch
 from ._triton_compat import next_power_of_2, tl, triton
 from .dense_rejection import (
     PLACEHOLDER_TOKEN_ID,
-    RECOVER_CHUNK_ROWS,
     assemble_output,
     num_draft_tokens_from_cu,
+    recover_chunk_rows,
 )
 
 # Vocab block streamed per loop iteration; 4096 fp32 p + inv_q = 32 KiB in flight per program.
@@ -418,9 +418,10 @@ def _recover_rows(target_probs, inv_q, token_idx, req_idx, indices, valid, resid
     """
     out = []
     for chunk in torch.arange(token_idx.shape[0], device=token_idx.device).split(
-            RECOVER_CHUNK_ROWS):
-        tok, iq = token_idx[chunk], inv_q[req_idx[chunk]]
-        score = target_probs[tok].to(iq.dtype) * iq
+            recover_chunk_rows(target_probs.shape[1])):
+        tok = token_idx[chunk]
+        iq = inv_q.index_select(0, req_idx[chunk])
+        score = target_probs.index_select(0, tok).to(iq.dtype).mul_(iq)
         ok = valid[tok]
         rows = torch.arange(tok.shape[0], device=tok.device).unsqueeze(1).expand_as(ok)
         cols = indices[tok][ok].long()

@@ -1,0 +1,144 @@
+"""The draft hub over loopback ZeroMQ with a scripted device (no vLLM)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
+from vllm_tslt.edge.config import TsltConfig
+from vllm_tslt.edge.hub import DraftHub
+from vllm_tslt.protocol import (
+    PROTOCOL_VERSION, Commit, DecodeLimits, Draft, End, Error, Handshake, RequestStart, decode,
+    encode, prefix_hash,
+)
+
+pytestmark = pytest.mark.integration
+V, FP = 64, "f" * 32
+LIMITS = DecodeLimits(vocab_size=V)
+
+
+@pytest.fixture()
+def hub():
+    h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200), vocab_size=V,
+                 vocab_fingerprint=FP, model_name="target", max_gamma=4).start()
+    yield h
+    h.close()
+
+
+class Device:
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, msg) -> None:
+        self.sock.send(encode(msg))
+
+    def recv(self, timeout_ms: int = 2000):
+        assert self.sock.poll(timeout_ms), "no message from the hub before the deadline"
+        return decode(self.sock.recv(), LIMITS)
+
+    def handshake(self, fingerprint: str = FP) -> Handshake | Error:
+        self.send(Handshake(PROTOCOL_VERSION, V, fingerprint, "draft"))
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def make_draft(request_id: str, sequence: list[int], gamma: int = 3, seed: int = 0) -> Draft:
+    logits = torch.randn(gamma, V, generator=torch.Generator().manual_seed(seed)) * 3
+    tokens, q = sparsify_then_sample(logits, SparsifyConfig(top_k=8, quant_bits=8),
+                                     torch.Generator().manual_seed(seed + 1))
+    return Draft(request_id, len(sequence), prefix_hash(sequence), tokens, q)
+
+
+def test_handshake_assigns_unguessable_sessions(hub):
+    a, b = Device(hub.endpoint), Device(hub.endpoint)
+    try:
+        ha, hb = a.handshake(), b.handshake()
+        assert isinstance(ha, Handshake) and isinstance(hb, Handshake)
+        assert ha.session_id != hb.session_id and len(ha.session_id) >= 24
+        assert ha.limits["max_gamma"] == 4 and "multi_candidate" in ha.capabilities
+        assert hub.has_session(ha.session_id) and hub.snapshot()["sessions_active"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_vocab_mismatch_is_refused_with_the_reason(hub):
+    dev = Device(hub.endpoint)
+    try:
+        reply = dev.handshake(fingerprint="0" * 32)
+        assert isinstance(reply, Error) and reply.code == "vocab_mismatch"
+        assert "tokenizer" in reply.message
+        assert hub.snapshot()["sessions_active"] == 0
+    finally:
+        dev.close()
+
+
+def test_request_commit_draft_collect_end(hub):
+    dev = Device(hub.endpoint)
+    try:
+        sid = dev.handshake().session_id
+        prompt = [1, 5, 9]
+        assert hub.start_request("r1", sid, prompt, {"temperature": 1.0})
+        start = dev.recv()
+        assert isinstance(start, RequestStart) and start.prompt_ids == tuple(prompt)
+        hub.commit("r1", 4, [7])
+        assert dev.recv() == Commit("r1", 4, (7,))
+        seq = [*prompt, 7]
+        dev.send(make_draft("r1", seq))
+        drafts = hub.collect(["r1"], deadline_s=2.0)
+        assert drafts["r1"].committed_len == 4 and drafts["r1"].gamma == 3
+        hub.end_request("r1", "finished")
+        assert dev.recv() == End("r1", "finished")
+        snap = hub.snapshot()
+        assert snap["drafts_used"] == 1 and snap["requests_active"] == 0
+        assert snap["uplink_bytes"] > 0 and snap["downlink_bytes"] > 0
+    finally:
+        dev.close()
+
+
+def test_missing_stale_and_unbound_drafts_are_dropped_and_counted(hub):
+    dev = Device(hub.endpoint)
+    try:
+        sid = dev.handshake().session_id
+        hub.start_request("r1", sid, [1, 2], {})
+        dev.recv()
+        t0 = time.monotonic()
+        assert hub.collect(["r1"], deadline_s=0.15) == {}  # nothing sent: missing
+        assert 0.14 <= time.monotonic() - t0 < 1.0
+        dev.send(make_draft("r1", [1, 3]))  # right length, wrong prefix: stale
+        time.sleep(0.1)
+        assert hub.collect(["r1"], deadline_s=0.1) == {}
+        dev.send(make_draft("nope", [1, 2]))  # not this device's request
+        time.sleep(0.1)
+        snap = hub.snapshot()
+        assert snap["dropped_missing"] == 1 and snap["dropped_stale"] == 1
+        assert snap["dropped_unknown_request"] == 1
+        assert hub.collect(["unbound"], deadline_s=1.0) == {}  # not bound: no wait at all
+    finally:
+        dev.close()
+
+
+def test_garbage_and_unknown_peers_do_not_stop_the_hub(hub):
+    good, bad = Device(hub.endpoint), Device(hub.endpoint)
+    try:
+        bad.sock.send(b"\x00garbage\xff" * 10)
+        assert isinstance(bad.recv(), Error)
+        bad.send(make_draft("r1", [1]))  # valid format, but no handshake
+        reply = bad.recv()
+        assert isinstance(reply, Error) and reply.code == "unknown_peer"
+        sid = good.handshake().session_id
+        assert hub.start_request("r9", sid, [4], {})
+        assert isinstance(good.recv(), RequestStart)
+        snap = hub.snapshot()
+        assert snap["invalid_malformed"] >= 1 and snap["invalid_unknown_peer"] == 1
+    finally:
+        good.close()
+        bad.close()

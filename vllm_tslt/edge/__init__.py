@@ -1,0 +1,1 @@
+"""Edge side: the vLLM proposer that proxies remote drafts, and the device-facing draft hub."""

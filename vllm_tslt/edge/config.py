@@ -1,0 +1,78 @@
+"""`--speculative-config '{"method": "tslt", ...}'`: our options, typed and validated.
+
+vLLM's own keys (`num_speculative_tokens`, ...) stay with vLLM; every other key lands here. Errors
+name the option as the user wrote it: `speculative_config.<name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+VERIFIERS = ("scatter", "fused")
+
+
+class TsltConfigError(ValueError):
+    pass
+
+
+def _fail(name: str, msg: str) -> TsltConfigError:
+    return TsltConfigError(f"speculative_config.{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class TsltConfig:
+    # ZeroMQ endpoint the draft hub binds for devices (tcp://HOST:PORT; port 0 = any free port).
+    bind: str = "tcp://127.0.0.1:5557"
+    # How long each engine step waits for drafts from devices before decoding without them.
+    draft_deadline_ms: float = 50.0
+    # "scatter": sparse q -> dense draft_probs -> vLLM's rejection sampler.
+    # "fused": vllm_tslt.kernels' sparse rejection sampler replaces vLLM's (no dense q).
+    verifier: str = "scatter"
+    max_k: int = 64  # largest support size accepted per draft position
+    max_candidates: int = 4  # spine + alternatives per position
+    max_sessions: int = 1024
+    max_requests_per_session: int = 256
+    max_payload_bytes: int = 1 << 20
+    max_prompt_len: int = 1 << 20
+    # Where the hub writes its counters for the API server's /metrics ("" = a temp file per port).
+    stats_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.bind.startswith("tcp://") or self.bind.startswith("ipc://")):
+            raise _fail("bind", f"must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
+        if not 0 <= self.draft_deadline_ms <= 60_000:
+            raise _fail("draft_deadline_ms", f"must be in [0, 60000], got {self.draft_deadline_ms}")
+        if self.verifier not in VERIFIERS:
+            raise _fail("verifier", f"must be one of {VERIFIERS}, got {self.verifier!r}")
+        for name, lo, hi in (("max_k", 1, 1 << 16), ("max_candidates", 1, 16),
+                             ("max_sessions", 1, 1 << 20), ("max_requests_per_session", 1, 1 << 20),
+                             ("max_payload_bytes", 1024, 1 << 30), ("max_prompt_len", 1, 1 << 24)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise _fail(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> TsltConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise TsltConfigError(
+                f"unknown speculative_config option(s) for method 'tslt': {unknown}; "
+                f"valid: {sorted(fields)} plus vLLM's own (e.g. num_speculative_tokens)")
+        coerced = {}
+        for name, value in options.items():
+            want = fields[name].type
+            try:
+                if want == "float" and isinstance(value, (int, float, str)):
+                    value = float(value)
+                elif want == "int" and isinstance(value, str):
+                    value = int(value)
+            except ValueError:
+                raise _fail(name, f"expected a number, got {value!r}") from None
+            coerced[name] = value
+        return cls(**coerced)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
