@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -81,24 +80,29 @@ def make_inputs(n: int, vocab: int, regime: str, seed: int = 0) -> dict:
     )
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
-    times, out = [], None
+def timed_interleaved(fns: dict, reps: int) -> tuple[dict, dict]:
+    """Min over `reps` rounds, the variants interleaved within each round so they share the
+    same background load (the cores are shared; interference only ever adds time)."""
+    times = {name: [] for name in fns}
+    outs = {}
     for _ in range(reps):
-        started = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3, out
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(t) * 1e3 for name, t in times.items()}, outs
 
 
 def bench(n: int, vocab: int, regime: str, reps: int) -> dict:
     x = make_inputs(n, vocab, regime)
-    vocab_size = vocab
+
+    def scatter():
+        return scatter_sparse_q_ref(x["sparse_indices"], x["sparse_probs"], vocab)
 
     def dense(recover_all_rows: bool):
-        q = scatter_sparse_q_ref(x["sparse_indices"], x["sparse_probs"], vocab_size)
         return dense_rejection_sample_ref(
             x["draft_token_ids"], x["cu_num_draft_tokens"], x["max_spec_len"], x["target_probs"],
-            q, x["bonus_token_ids"], x["uniform_probs"], x["is_greedy"], x["inv_q"],
+            scatter(), x["bonus_token_ids"], x["uniform_probs"], x["is_greedy"], x["inv_q"],
             x["target_argmax"], recover_all_rows=recover_all_rows)
 
     def fused():
@@ -107,21 +111,19 @@ def bench(n: int, vocab: int, regime: str, reps: int) -> dict:
             x["sparse_indices"], x["sparse_probs"], x["bonus_token_ids"], x["uniform_probs"],
             x["is_greedy"], inv_q=x["inv_q"], target_argmax=x["target_argmax"])
 
-    t_scatter, _ = timed(lambda: scatter_sparse_q_ref(x["sparse_indices"], x["sparse_probs"],
-                                                      vocab_size), reps)
-    t_dense, out_dense = timed(lambda: dense(True), reps)
-    t_lazy, out_lazy = timed(lambda: dense(False), reps)
-    t_fused, out_fused = timed(fused, reps)
+    ms, outs = timed_interleaved(dict(scatter=scatter, scatter_plus_dense=lambda: dense(True),
+                                      scatter_plus_dense_lazy=lambda: dense(False),
+                                      fused=fused), reps)
     batch = x["cu_num_draft_tokens"].shape[0]
-    emitted = int((out_fused >= 0).sum())
+    emitted = int((outs["fused"] >= 0).sum())
     return dict(
         regime=regime, num_draft_rows=n, vocab_size=vocab, gamma=x["max_spec_len"],
         batch_size=batch, reps=reps, acceptance=round((emitted - batch) / n, 4),
-        outputs_equal=bool(torch.equal(out_dense, out_fused) and torch.equal(out_lazy, out_fused)),
-        ms=dict(scatter=t_scatter, scatter_plus_dense=t_dense, scatter_plus_dense_lazy=t_lazy,
-                fused=t_fused),
-        ratio_dense_over_fused=t_dense / t_fused,
-        ratio_dense_lazy_over_fused=t_lazy / t_fused,
+        outputs_equal=bool(torch.equal(outs["scatter_plus_dense"], outs["fused"])
+                           and torch.equal(outs["scatter_plus_dense_lazy"], outs["fused"])),
+        ms=ms,
+        ratio_dense_over_fused=ms["scatter_plus_dense"] / ms["fused"],
+        ratio_dense_lazy_over_fused=ms["scatter_plus_dense_lazy"] / ms["fused"],
     )
 
 
@@ -133,7 +135,8 @@ def write_markdown(report: dict, path: str) -> None:
         "",
         f"Machine: {report['machine']}; torch {report['torch']} with {report['threads']} threads "
         "(the 2 cores are shared with other jobs: absolute times are context, ratios are the "
-        "result). Median of `reps` runs; the largest shapes ran once (see `reps`).",
+        "result). Each time is the minimum over `reps` rounds, the four variants interleaved within a "
+        "round so they see the same background load.",
         "",
         "- **scatter+dense**: `scatter_sparse_q_ref` → torch transcription of vLLM 0.32's "
         "`rejection_sample` (recovered token for every draft row, as vLLM computes it).",
@@ -172,13 +175,13 @@ def main() -> int:
     for regime in ("worst", "typical"):
         for vocab in (32000, 151936):
             for n in shapes_n:
-                reps = 1 if n * vocab > 100_000_000 else 3
+                reps = 2 if n * vocab > 100_000_000 else 5
                 r = bench(n, vocab, regime, reps)
                 print(json.dumps(r), flush=True)
                 results.append(r)
-    if any(r["reps"] == 1 for r in results):
-        notes.append("Shapes with N·V > 10⁸ (N = 4096) were timed once (`reps` = 1) to keep "
-                     "the run near 5 minutes; the others are medians of 3.")
+    if any(r["reps"] < 5 for r in results):
+        notes.append("Shapes with N·V > 10⁸ (N = 4096) ran 2 rounds (`reps`) to keep the run "
+                     "near 5 minutes; the others 5.")
     report = dict(
         command="python " + " ".join(["scripts/bench_verify_cpu.py", *sys.argv[1:]]),
         machine=f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cpus)",

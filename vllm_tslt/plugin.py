@@ -36,12 +36,23 @@ def check_vllm_version(version: str | None = None) -> None:
         )
 
 
+def _share_vllm_log_handlers() -> None:
+    """Inside vLLM processes, our library logs go where vLLM's go (same format, same stream)."""
+    ours, theirs = logging.getLogger("vllm_tslt"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def register() -> None:
     """Entry point called by vLLM's plugin loader. Idempotent."""
     global _registered
     if _registered:
         return
     check_vllm_version()
+    _share_vllm_log_handlers()
     from .patches import apply_all
 
     applied = apply_all()

@@ -100,6 +100,34 @@ class SparseQ:
         counts = (hit * self.counts.unsqueeze(1)).sum(dim=2)  # [n, m]
         return counts.to(torch.float32) / float(self.total)
 
+    def rows(self, start: int, stop: int) -> SparseQ:
+        return SparseQ(self.indices[start:stop], self.counts[start:stop], self.quant_bits)
+
+    @staticmethod
+    def one_hot(tokens: torch.Tensor, quant_bits: int = 1) -> SparseQ:
+        """q̃ = δ(token) per row: tokens [n] -> SparseQ with k = 1 (the lossless fallback)."""
+        n = tokens.shape[0]
+        return SparseQ(tokens.to(torch.int32).view(n, 1),
+                       torch.full((n, 1), 1 << quant_bits, dtype=torch.int32), quant_bits)
+
+    @staticmethod
+    def concat(parts: list[SparseQ]) -> SparseQ:
+        """Stack rows; k is padded to the widest part, masses rescaled to the finest quant_bits.
+
+        NOTE: c / 2**b == (c << (B - b)) / 2**B exactly, so rescaling changes no probability.
+        """
+        if not parts:
+            return SparseQ(torch.empty(0, 1, dtype=torch.int32),
+                           torch.empty(0, 1, dtype=torch.int32), 1)
+        bits = max(p.quant_bits for p in parts)
+        k = max(p.indices.shape[1] for p in parts)
+        indices, counts = [], []
+        for p in parts:
+            pad = k - p.indices.shape[1]
+            indices.append(torch.nn.functional.pad(p.indices, (0, pad), value=PAD_ID))
+            counts.append(torch.nn.functional.pad(p.counts << (bits - p.quant_bits), (0, pad)))
+        return SparseQ(torch.cat(indices), torch.cat(counts), bits)
+
 
 # ----------------------------------------------------------------------------------------------
 # Truncation and quantization

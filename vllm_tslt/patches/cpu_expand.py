@@ -53,12 +53,17 @@ def writes_non_int64_outputs(impl) -> bool:
     return True
 
 
-PATCH = Patch(
-    module="vllm.utils.cpu_triton_utils",
-    attr="_expand_kernel_impl",
-    version="0.32.0",
-    replacement=expand_kernel_impl_fixed,
-)
+def _replace(original):
+    del original  # nothing of the shipped body is reused
+
+    def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
+                           MAX_NUM_TOKENS=None):
+        expand_kernel_impl_fixed(output, input_val, cu_num_tokens, replace_from, replace_to)
+
+    return expand_kernel_impl
+
+
+PATCH = Patch("vllm.utils.cpu_triton_utils", "_expand_kernel_impl", "0.32.0", _replace)
 
 
 def fix_needed() -> bool:
@@ -68,6 +73,8 @@ def fix_needed() -> bool:
     if not current_platform.is_cpu() or PATCH.applied:
         return False
     try:
+        import vllm._custom_ops  # noqa: F401  (loads the CPU build's C++ ops the probe calls)
+
         return not writes_non_int64_outputs(PATCH.resolve())
     except Exception as exc:  # the C++ op is missing or broken: replacing it is the safe choice
         logger.warning("vllm-tslt: probing %s failed (%r); replacing it", PATCH.target, exc)
@@ -81,5 +88,5 @@ def apply() -> bool:
     from vllm.triton_utils import dispatcher
 
     if KERNEL_NAME in dispatcher._registry:  # overrides already registered: register the fix too
-        dispatcher.register_kernels({KERNEL_NAME: expand_kernel_impl_fixed})
+        dispatcher.register_kernels({KERNEL_NAME: PATCH.resolve()})
     return True

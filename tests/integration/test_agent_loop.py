@@ -1,0 +1,176 @@
+"""The agent's drafting loop against the real DraftHub and a fake engine (no vLLM).
+
+``FakeEngine`` plays vLLM's part: each step it collects a draft for the committed sequence,
+verifies it against the tiny pair's target with the reference chain rejection sampler (or decodes
+one token when there is none) and commits the result, in the proposer's order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from vllm_tslt.agent.config import AgentConfig
+from vllm_tslt.agent.drafter import Drafter
+from vllm_tslt.agent.runtime import DraftRuntime
+from vllm_tslt.core.rng import exponential_noise, position_generator
+from vllm_tslt.core.verify_ref import chain_rejection_sample_ref
+from vllm_tslt.edge.config import TsltConfig
+from vllm_tslt.edge.hub import DraftHub
+
+pytestmark = pytest.mark.integration
+class FakeEngine:
+    def __init__(self, hub, target, deadline_s: float = 0.2, step_s: float = 0.0) -> None:
+        self.hub = hub
+        self.step_s = step_s  # emulated extra time per engine step (a bigger target)
+        self.target = target.eval()
+        self.deadline_s = deadline_s
+        self.steps = 0
+        self.drafted_steps = 0
+        self.accepted = 0
+        self.draft_tokens = 0
+
+    @torch.inference_mode()
+    def _probs(self, seq: list[int], n: int, temperature: float) -> torch.Tensor:
+        """[n, vocab_size] target probabilities of the next token after each of the last n."""
+        logits = self.target(input_ids=torch.tensor([seq])).logits[0, -n:].float()
+        if temperature == 0:
+            return torch.softmax(logits, dim=-1)
+        return torch.softmax(logits / temperature, dim=-1)
+
+    def generate(self, request_id: str, session_id: str, prompt: list[int], max_tokens: int,
+                 temperature: float = 0.0, seed: int = 0) -> list[int]:
+        params = {"temperature": temperature, "top_p": 1.0, "top_k": 0, "seed": seed,
+                  "max_tokens": max_tokens, "max_gamma": self.hub.max_gamma}
+        assert self.hub.start_request(request_id, session_id, prompt, params)
+        seq = list(prompt)
+        while len(seq) - len(prompt) < max_tokens:
+            draft = self.hub.collect([request_id], self.deadline_s).get(request_id)
+            emitted = self._step(seq, draft, temperature, seed)
+            emitted = emitted[: max_tokens - (len(seq) - len(prompt))]
+            seq += emitted
+            self.hub.commit(request_id, len(seq), emitted)
+        self.hub.end_request(request_id, "finished")
+        return seq[len(prompt):]
+
+    def _step(self, seq: list[int], draft, temperature: float, seed: int) -> list[int]:
+        self.steps += 1
+        time.sleep(self.step_s)
+        gen = position_generator(seed + 7, len(seq))  # the verifier's own randomness
+        greedy = temperature == 0
+        if draft is None:
+            p = self._probs(seq, 1, temperature)[0]
+            if greedy:
+                return [int(p.argmax())]
+            return [int(torch.argmax(p / exponential_noise(gen, p.shape)))]
+        gamma = min(draft.gamma, self.hub.max_gamma)
+        tokens = draft.tokens[:gamma]
+        probs = self._probs(seq + tokens.tolist(), gamma + 1, temperature)
+        uniforms = torch.rand(gamma, dtype=torch.float64, generator=gen)
+        noise = exponential_noise(gen, (probs.shape[1],))
+        emitted = chain_rejection_sample_ref(probs, tokens, draft.q.rows(0, gamma), uniforms,
+                                             noise, greedy)
+        self.drafted_steps += 1
+        self.draft_tokens += gamma
+        self.accepted += len(emitted) - 1
+        return emitted
+
+
+@torch.inference_mode()
+def greedy_reference(target, prompt: list[int], max_tokens: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(max_tokens):
+        seq.append(int(target(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+PROMPTS = ["def parse(text):\n    ", "import os\n\nclass Config:\n", "for i in range("]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pair):
+    from transformers import AutoModelForCausalLM
+
+    drafter = Drafter(str(tiny_pair.draft), device="cpu")
+    target = AutoModelForCausalLM.from_pretrained(tiny_pair.target).eval()
+    return drafter, target
+
+
+@pytest.fixture()
+def loop(models):
+    """(runtime, hub, engine): the agent's loop thread connected to a hub on a free port."""
+    drafter, target = models
+    hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
+                   vocab_size=drafter.vocab_size, vocab_fingerprint=drafter.fingerprint(),
+                   model_name="tiny-target", max_gamma=4).start()
+    cfg = AgentConfig(draft_model="unused", edge=hub.endpoint, num_draft_tokens=4)
+    runtime = DraftRuntime(cfg, drafter)
+    runtime.start()
+    try:
+        assert runtime.wait_session(10), runtime.failure
+        yield runtime, hub, FakeEngine(hub, target, step_s=0.02)
+    finally:
+        runtime.stop()
+        hub.close()
+
+
+def _prompt(drafter, i: int) -> list[int]:
+    return drafter.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]
+
+
+def test_greedy_loop_output_equals_target_alone(loop, models):
+    runtime, hub, engine = loop
+    drafter, target = models
+    for i in range(2):
+        prompt = _prompt(drafter, i)
+        out = engine.generate(f"g{i}", runtime.session_id, prompt, max_tokens=40)
+        assert out == greedy_reference(target, prompt, 40)
+    stats = runtime.stats()
+    assert engine.drafted_steps > 0 and engine.accepted > 0, (engine.__dict__, stats)
+    assert engine.steps < 80  # speculation saved target steps
+    assert stats["proactive_rounds"] > 0
+    print("greedy:", {k: stats[k] for k in ("proactive_hit_rate", "ahead_hits", "rollbacks",
+                                             "drafts_sent", "rounds", "chain_matched")},
+          "steps", engine.steps, "accepted/drafted", engine.accepted, engine.draft_tokens)
+
+
+def test_sampled_loop_rolls_back_and_reaches_the_end(loop, models):
+    runtime, hub, engine = loop
+    drafter, _ = models
+    prompt = _prompt(drafter, 2)
+    out = engine.generate("s0", runtime.session_id, prompt, max_tokens=60, temperature=1.0,
+                          seed=11)
+    assert len(out) == 60
+    stats = runtime.stats()
+    assert stats["rollbacks"] > 0 and engine.accepted > 0, stats
+    deadline = time.monotonic() + 5
+    while runtime.stats()["active_requests"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # End reaches the device
+    assert runtime.stats()["active_requests"] == 0
+    print("sampled:", {k: stats[k] for k in ("proactive_hit_rate", "ahead_hits", "rollbacks",
+                                              "drafts_sent", "rounds", "acceptance")},
+          "steps", engine.steps, "accepted/drafted", engine.accepted, engine.draft_tokens)
+
+
+def test_concurrent_requests_are_batched(loop, models):
+    import threading
+
+    runtime, hub, engine = loop
+    drafter, target = models
+    outs: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        eng = FakeEngine(hub, target)
+        outs[i] = eng.generate(f"c{i}", runtime.session_id, _prompt(drafter, i), max_tokens=24)
+
+    calls0 = drafter.forward_calls
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(3):
+        assert outs[i] == greedy_reference(target, _prompt(drafter, i), 24)
+    assert drafter.forward_calls > calls0

@@ -1,0 +1,227 @@
+"""Adaptive draft length: online estimates and the TK-SLT optimal-γ rule.
+
+Per round the device sends γ draft tokens and the edge emits the accepted ones plus one more token.
+With per-token acceptance α (i.i.d. model), the expected number of tokens per round is
+
+    E(γ) = (1 - α^(γ+1)) / (1 - α)
+
+and a round takes (device drafting not hidden by proactive drafting, then the link and the verify):
+
+    T(γ) = γ · t_draft · (1 - h) + r(bytes(γ)),    r(b) = r0 + b / uplink_rate,   bytes(γ) = b0 + γ · b1
+
+where h is the proactive hit rate (the next draft was ready when the commit came). The edge alone
+emits one token per target step t_step, so the speedup is S(γ) = E(γ) · t_step / T(γ). We pick
+γ* = argmax S over 1..γ_max (a direct search instead of TK-SLT's Lambert-W closed form, which assumes
+the same cost model without the bytes term) and switch speculation off (γ = 0, the edge decodes alone)
+when S(γ*) < min_speedup. While off, one probe round every ``probe_interval_s`` refreshes α and r, so
+speculation comes back when the link or the acceptance recovers.
+
+Estimates use exponential forgetting (half-life in observations), so they follow a changing link.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+PROBE_KEEP = 0.5  # a probe round's observation discounts older evidence by this much more
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """E(γ) = Σ_{i=0..γ} α^i = (1 - α^(γ+1)) / (1 - α): tokens emitted per round."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class AdaptiveConfig:
+    gamma_max: int = 8
+    fixed_gamma: int | None = None  # set: always this γ (estimates are still kept for stats)
+    min_speedup: float = 1.05
+    probe_interval_s: float = 2.0
+    half_life: float = 16.0  # observations
+    prior_alpha: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gamma_max, int) or self.gamma_max < 1:
+            raise ValueError(f"gamma_max must be an int >= 1, got {self.gamma_max!r}")
+        if self.fixed_gamma is not None and not 1 <= self.fixed_gamma <= self.gamma_max:
+            raise ValueError(f"fixed_gamma must be in 1..gamma_max, got {self.fixed_gamma!r}")
+        if not 0 < self.min_speedup < 100:
+            raise ValueError(f"min_speedup must be in (0, 100), got {self.min_speedup!r}")
+        if not self.probe_interval_s > 0:
+            raise ValueError(f"probe_interval_s must be > 0, got {self.probe_interval_s!r}")
+        if not self.half_life > 0:
+            raise ValueError(f"half_life must be > 0, got {self.half_life!r}")
+        if not 0 < self.prior_alpha < 1:
+            raise ValueError(f"prior_alpha must be in (0, 1), got {self.prior_alpha!r}")
+
+
+class Ewma:
+    """Exponentially weighted mean with a half-life in observations; None until the first one."""
+
+    def __init__(self, half_life: float) -> None:
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+
+
+class LinkModel:
+    """Round time r = r0 + bytes / rate by least squares over exponentially discounted sums.
+
+    The slope is identified only when payload sizes vary (different γ or supports); otherwise the
+    model is the mean round time (slope 0): no rate is invented from one payload size.
+    """
+
+    MIN_REL_SPREAD = 0.05  # std(bytes) / mean(bytes) needed to fit a slope
+
+    def __init__(self, half_life: float) -> None:
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.sums = [0.0] * 5  # Σw, Σw·x, Σw·y, Σw·x², Σw·x·y
+        self.count = 0
+
+    def add(self, num_bytes: float, seconds: float, keep: float = 1.0) -> None:
+        """Add one round; ``keep`` < 1 discounts the past further (rare probe rounds)."""
+        x, y = float(num_bytes), float(seconds)
+        d = self.decay * keep
+        self.sums = [d * s + v for s, v in zip(self.sums, (1.0, x, y, x * x, x * y))]
+        self.count += 1
+
+    def fit(self) -> tuple[float, float]:
+        """(r0 seconds, seconds per byte), both >= 0."""
+        w, sx, sy, sxx, sxy = self.sums
+        if w <= 0:
+            return 0.0, 0.0
+        mx, my = sx / w, sy / w
+        var = max(sxx / w - mx * mx, 0.0)
+        slope = 0.0
+        if mx > 0 and math.sqrt(var) >= self.MIN_REL_SPREAD * mx:
+            slope = max((sxy / w - mx * my) / var, 0.0)
+        r0 = my - slope * mx
+        if r0 < 0:  # all of the time scales with the payload
+            r0, slope = 0.0, (my / mx if mx > 0 else 0.0)
+        return r0, slope
+
+    def predict(self, num_bytes: float) -> float:
+        r0, slope = self.fit()
+        return r0 + slope * num_bytes
+
+    @property
+    def rate_bytes_per_s(self) -> float | None:
+        slope = self.fit()[1]
+        return 1.0 / slope if slope > 1e-12 else None
+
+
+class GammaController:
+    """Online estimates + the choice of γ (0 = speculation off). Single-threaded."""
+
+    def __init__(self, cfg: AdaptiveConfig) -> None:
+        self.cfg = cfg
+        decay = 0.5 ** (1.0 / cfg.half_life)
+        self._decay = decay
+        self._acc = 2.0 * cfg.prior_alpha  # discounted accepted tokens
+        self._rej = 2.0 * (1.0 - cfg.prior_alpha)  # discounted rejections
+        self.draft_s_per_token = Ewma(cfg.half_life)
+        self.target_step_s = Ewma(cfg.half_life)
+        self.bytes_fixed = Ewma(cfg.half_life)  # b0 (unused until header size is reported)
+        self.bytes_per_token = Ewma(cfg.half_life)  # b1
+        self.hit_rate = Ewma(cfg.half_life)
+        self.link = LinkModel(cfg.half_life)
+        self.rounds = 0
+        self.enabled = True
+        self._last_probe = -math.inf
+        self._probing = False
+        self.gamma = cfg.fixed_gamma or min(4, cfg.gamma_max)
+
+    # -- observations ------------------------------------------------------------------------
+
+    def observe_round(self, gamma: int, accepted: int, payload_bytes: int, round_s: float) -> None:
+        """A draft of γ tokens (``payload_bytes`` on the wire) got ``accepted`` of them accepted;
+        ``round_s`` = send -> commit received."""
+        # NOTE: probes are rare, so each one weighs as much as the older evidence together.
+        keep = PROBE_KEEP if self._probing else 1.0
+        self._probing = False
+        self._acc = self._decay * keep * self._acc + accepted
+        self._rej = self._decay * keep * self._rej + (1.0 if accepted < gamma else 0.0)
+        # NOTE: per-token bytes include the frame header's share; fine for choosing γ near the
+        # observed ones, which is where the estimate is used.
+        self.bytes_per_token.add(payload_bytes / max(gamma, 1))
+        self.link.add(payload_bytes, max(round_s, 0.0), keep)
+        self.rounds += 1
+
+    def observe_draft(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens > 0:
+            self.draft_s_per_token.add(seconds / num_tokens)
+
+    def observe_target_step(self, seconds: float) -> None:
+        """The edge emitted one token without a draft of ours (a plain step) in ``seconds``."""
+        self.target_step_s.add(seconds)
+
+    def observe_proactive(self, hit: bool) -> None:
+        self.hit_rate.add(1.0 if hit else 0.0)
+
+    # -- model -------------------------------------------------------------------------------
+
+    @property
+    def alpha(self) -> float:
+        return self._acc / (self._acc + self._rej)
+
+    def round_time(self, gamma: int) -> float:
+        t_draft = self.draft_s_per_token.value or 0.0
+        hidden = self.hit_rate.value or 0.0
+        payload = (self.bytes_fixed.value or 0.0) + gamma * (self.bytes_per_token.value or 0.0)
+        return gamma * t_draft * (1.0 - hidden) + self.link.predict(payload)
+
+    def speedup(self, gamma: int) -> float | None:
+        """Predicted speedup over the edge alone; None until a plain step time is known."""
+        t_step = self.target_step_s.value
+        if t_step is None or self.link.count == 0:
+            return None
+        return expected_tokens(self.alpha, gamma) * t_step / max(self.round_time(gamma), 1e-9)
+
+    def best_gamma(self) -> tuple[int, float | None]:
+        """(γ*, S(γ*)) by direct search; without a step time, maximise tokens per second."""
+        def rate(g: int) -> float:
+            return expected_tokens(self.alpha, g) / max(self.round_time(g), 1e-9)
+        best = max(range(1, self.cfg.gamma_max + 1), key=rate)
+        return best, self.speedup(best)
+
+    def choose(self, now: float) -> int:
+        """γ for the next draft; 0 = speculation off (a probe round is let through periodically)."""
+        if self.cfg.fixed_gamma is not None:
+            return self.cfg.fixed_gamma
+        gamma, speedup = self.best_gamma()
+        pays = speedup is None or speedup >= self.cfg.min_speedup
+        if pays != self.enabled:
+            logger.info("speculation %s: alpha=%.2f predicted speedup %s at gamma=%d",
+                        "on" if pays else "off", self.alpha,
+                        "n/a" if speedup is None else f"{speedup:.2f}", gamma)
+            self.enabled = pays
+        self.gamma = gamma
+        if pays:
+            return gamma
+        if now - self._last_probe >= self.cfg.probe_interval_s:
+            self._last_probe = now
+            self._probing = True
+            return gamma  # probe: one round to refresh α and the round time
+        return 0
+
+    def snapshot(self) -> dict[str, float | int | bool | None]:
+        gamma, speedup = self.best_gamma()
+        return {"alpha": round(self.alpha, 4), "gamma": gamma, "enabled": self.enabled,
+                "predicted_speedup": None if speedup is None else round(speedup, 3),
+                "draft_ms_per_token": _ms(self.draft_s_per_token.value),
+                "target_step_ms": _ms(self.target_step_s.value),
+                "round_ms_at_gamma": _ms(self.round_time(gamma)),
+                "uplink_bytes_per_s": self.link.rate_bytes_per_s,
+                "proactive_hit_rate": self.hit_rate.value, "rounds": self.rounds}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)

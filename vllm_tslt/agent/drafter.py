@@ -1,0 +1,292 @@
+"""The draft model on the device: per-request KV caches, rollback by cropping, batched decode steps.
+
+Each request keeps a *chain*: its committed sequence followed by speculative tokens the device has
+drafted beyond it (each sampled from the sparse q̃ row stored with it). The KV cache always covers a
+prefix of that token list and never its last token, so there is at least one token to feed before
+the next logits exist:
+
+    tokens:   [ committed (committed_len) | chain (drafted, not yet committed) ]
+    cache:    KV of tokens[:cache_len],  cache_len < len(tokens)
+
+A commit that matches the chain keeps both (the chain's tail is conditioned on the new committed
+sequence, which is what makes proactive drafting free). A commit that diverges at chain index k
+drops the chain and crops the cache to committed_len_old + k tokens: everything before the first
+wrong token stays valid, so a rejection costs one forward of the corrected tokens, never a
+recompute of the prefix.
+
+Randomness (DESIGN.md rule 6): the draft at absolute position t uses
+``position_uniforms(seed, [t], m)``; requests without a seed get a random one at start.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_tslt.core.rng import position_uniforms
+from vllm_tslt.core.sparsify import PAD_ID, SparseQ, SparsifyConfig, sparsify_then_sample
+from vllm_tslt.protocol.messages import Draft, PrefixHasher, prefix_hash
+
+logger = logging.getLogger(__name__)
+
+GREEDY_EPS = 1e-5  # vLLM treats temperature < 1e-5 as greedy
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu; explicit names are checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device (--device) is 'cuda' but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    return getattr(torch, dtype)
+
+
+def request_sparsify_config(params: dict[str, Any], base: SparsifyConfig) -> SparsifyConfig:
+    """The request's temperature/top-k/top-p (vLLM conventions) narrowed by the agent's truncation."""
+    temperature = float(params.get("temperature", 1.0) or 0.0)
+    if temperature < GREEDY_EPS:
+        temperature = 0.0
+    top_k = base.top_k
+    req_k = params.get("top_k")
+    if isinstance(req_k, int) and req_k > 0:  # vLLM: 0 or -1 means off
+        top_k = req_k if top_k is None else min(top_k, req_k)
+    top_p = base.top_p
+    req_p = params.get("top_p")
+    if isinstance(req_p, (int, float)) and 0 < req_p < 1:
+        top_p = float(req_p) if top_p is None else min(top_p, float(req_p))
+    return SparsifyConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                          k_max=base.k_max, quant_bits=base.quant_bits)
+
+
+@dataclass
+class DraftState:
+    """One request's tokens, speculative chain and KV cache (see the module doc)."""
+
+    request_id: str
+    sparsify: SparsifyConfig
+    seed: int
+    candidates: int
+    tokens: list[int]
+    committed_len: int
+    cache: Any  # transformers DynamicCache
+    hasher: PrefixHasher = field(default_factory=PrefixHasher)  # over tokens[:committed_len]
+    chain_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, cnt) [k]
+    chain_alts: list[list[int]] = field(default_factory=list)  # [m - 1] per chain token
+
+    @property
+    def cache_len(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    @property
+    def chain_len(self) -> int:
+        return len(self.tokens) - self.committed_len
+
+    def chain_tokens(self) -> list[int]:
+        return self.tokens[self.committed_len:]
+
+
+class CommitMismatch(ValueError):
+    """A commit's committed_len does not follow from what the device knows (a lost message)."""
+
+
+class Drafter:
+    """A causal LM from transformers used as the draft model. Not thread-safe: one loop owns it."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto",
+                 base: SparsifyConfig | None = None, candidates: int = 1) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model_name = str(model_path)
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        self.base = base or SparsifyConfig(top_k=32)
+        self.candidates = candidates
+        self.forward_calls = 0
+        from transformers import DynamicCache
+
+        # Batched decode rebuilds plain DynamicLayers; models with sliding/linear layers run alone.
+        layers = DynamicCache(config=self.model.config).layers
+        self.batchable = all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        logger.info("draft model %s on %s (%s), vocab %d", model_path, self.device, self.dtype,
+                    self.vocab_size)
+
+    def fingerprint(self) -> str:
+        from vllm_tslt.protocol.fingerprint import vocab_fingerprint
+
+        return vocab_fingerprint(self.tokenizer.get_vocab())
+
+    # ------------------------------------------------------------------------------------------
+    # Request state
+    # ------------------------------------------------------------------------------------------
+
+    def new_state(self, request_id: str, prompt_ids: list[int] | tuple[int, ...],
+                  sampling_params: dict[str, Any], k_max: int | None = None,
+                  candidates: int | None = None) -> DraftState:
+        from transformers import DynamicCache
+
+        if not prompt_ids:
+            raise ValueError(f"request {request_id}: empty prompt")
+        base = self.base
+        if k_max is not None and k_max < base.k_max:
+            base = SparsifyConfig(base.temperature, base.top_k, base.top_p, k_max, base.quant_bits)
+        cfg = request_sparsify_config(sampling_params, base)
+        seed = sampling_params.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            seed = secrets.randbits(63)  # unseeded: any seed will do, fixed for the request
+        m = 1 if cfg.greedy else (candidates or self.candidates)
+        tokens = [int(t) for t in prompt_ids]
+        return DraftState(request_id, cfg, seed, m, tokens, len(tokens),
+                          DynamicCache(config=self.model.config), PrefixHasher(tokens))
+
+    def commit(self, state: DraftState, committed_len: int, new_tokens: tuple[int, ...]) -> int:
+        """Apply a commit. Returns how many chain tokens it confirmed (-1: it diverged).
+
+        Raises CommitMismatch if committed_len != known committed length + len(new_tokens).
+        """
+        old = state.committed_len
+        if committed_len != old + len(new_tokens):
+            raise CommitMismatch(f"{state.request_id}: commit to {committed_len} after {old} "
+                                 f"with {len(new_tokens)} new tokens")
+        chain = state.chain_tokens()
+        k = 0
+        while k < min(len(chain), len(new_tokens)) and chain[k] == new_tokens[k]:
+            k += 1
+        state.hasher.update(new_tokens)
+        if k == len(new_tokens):  # the chain continues the committed sequence: keep it all
+            state.committed_len = committed_len
+            del state.chain_rows[:k], state.chain_alts[:k]
+            return k
+        # Diverged at chain index k: keep the KV of tokens[:old + k], feed the rest next time.
+        # NOTE: cropping is exact (rows of a causal KV cache never depend on later tokens).
+        keep = min(state.cache_len, old + k)
+        if keep < state.cache_len:
+            state.cache.crop(keep - state.cache_len)  # negative: tokens to remove
+        state.tokens = state.tokens[:old] + [int(t) for t in new_tokens]
+        state.committed_len = committed_len
+        state.chain_rows.clear()
+        state.chain_alts.clear()
+        return -1
+
+    def draft_message(self, state: DraftState, gamma: int, offset: int = 0) -> Draft:
+        """A Draft of chain[offset:offset + gamma], conditioned on tokens[:committed_len + offset].
+
+        offset > 0 drafts *ahead*: for the sequence the device expects once the edge accepts the
+        first ``offset`` chain tokens (requires chain_len >= offset + gamma, gamma >= 1).
+        """
+        rows = state.chain_rows[offset:offset + gamma]
+        width = max(int(idx.numel()) for idx, _ in rows)
+        indices = torch.full((gamma, width), PAD_ID, dtype=torch.int32)
+        counts = torch.zeros((gamma, width), dtype=torch.int32)
+        for j, (idx, cnt) in enumerate(rows):
+            indices[j, : idx.numel()] = idx
+            counts[j, : cnt.numel()] = cnt
+        q = SparseQ(indices, counts, state.sparsify.quant_bits)
+        start = state.committed_len + offset
+        tokens = torch.tensor(state.tokens[start:start + gamma], dtype=torch.int64)
+        alts = None
+        if state.candidates > 1:
+            alts = torch.tensor(state.chain_alts[offset:offset + gamma], dtype=torch.int64)
+            alts = alts.view(gamma, -1)
+        phash = state.hasher.value() if offset == 0 else prefix_hash(state.tokens[:start])
+        return Draft(state.request_id, start, phash, tokens, q, alts)
+
+    # ------------------------------------------------------------------------------------------
+    # Forward passes
+    # ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def extend(self, states: list[DraftState]) -> None:
+        """Draft one more chain token for each state; single-token feeds share one forward."""
+        singles = [s for s in states if len(s.tokens) - s.cache_len == 1] if self.batchable else []
+        logits: dict[str, torch.Tensor] = {}
+        for s in states:
+            if len(s.tokens) - s.cache_len != 1 or len(singles) == 1:
+                logits[s.request_id] = self._forward_one(s)  # prefill / catch-up
+        if len(singles) > 1:
+            logits.update(zip((s.request_id for s in singles), self._forward_batched(singles)))
+        for s in states:
+            self._sample_next(s, logits[s.request_id])
+
+    def _forward_one(self, state: DraftState) -> torch.Tensor:
+        """Feed tokens[cache_len:] through the cache -> [vocab_size] float32 logits of the last."""
+        start = state.cache_len
+        ids = torch.tensor([state.tokens[start:]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=state.cache, use_cache=True,
+                         logits_to_keep=1)
+        self.forward_calls += 1
+        return out.logits[0, -1].float()
+
+    def _forward_batched(self, states: list[DraftState]) -> list[torch.Tensor]:
+        """One decode step for several requests: caches left-padded and masked, then split back."""
+        from transformers import DynamicCache
+
+        lens = [s.cache_len for s in states]
+        width = max(lens)
+        batch = len(states)
+        mask = torch.zeros((batch, width + 1), dtype=torch.long, device=self.device)
+        layers = []
+        for layer_idx in range(len(states[0].cache.layers)):
+            ks, vs = [], []
+            for s, n in zip(states, lens):
+                layer = s.cache.layers[layer_idx]
+                ks.append(torch.nn.functional.pad(layer.keys, (0, 0, width - n, 0)))
+                vs.append(torch.nn.functional.pad(layer.values, (0, 0, width - n, 0)))
+            layers.append((torch.cat(ks), torch.cat(vs)))  # [batch, heads, width, head_dim]
+        for i, n in enumerate(lens):
+            mask[i, width - n:] = 1
+        cache = DynamicCache(ddp_cache_data=layers)
+        ids = torch.tensor([[s.tokens[-1]] for s in states], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[n] for n in lens], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True)
+        self.forward_calls += 1
+        for i, (s, n) in enumerate(zip(states, lens)):
+            kv = [(layer.keys[i:i + 1, :, width - n:], layer.values[i:i + 1, :, width - n:])
+                  for layer in cache.layers]
+            s.cache = DynamicCache(ddp_cache_data=kv)
+        return [out.logits[i, -1].float() for i in range(batch)]
+
+    def _sample_next(self, state: DraftState, logits: torch.Tensor) -> None:
+        """Sparsify-then-sample the token at absolute position len(tokens); append it to the chain."""
+        position = len(state.tokens)
+        uniforms = position_uniforms(state.seed, [position], state.candidates)  # [1, m] float64
+        tokens, q = sparsify_then_sample(logits.view(1, -1).cpu(), state.sparsify, uniforms)
+        width = int(q.support_sizes()[0])
+        state.chain_rows.append((q.indices[0, :width].clone(), q.counts[0, :width].clone()))
+        state.chain_alts.append([int(t) for t in tokens[0, 1:]])
+        state.tokens.append(int(tokens[0, 0]))
+
+    # ------------------------------------------------------------------------------------------
+    # Checks (tests, debugging)
+    # ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def peek_logits(self, state: DraftState) -> torch.Tensor:
+        """[vocab_size] logits for the next token through a copy of the state's cache."""
+        probe = copy.copy(state)
+        probe.cache = copy.deepcopy(state.cache)
+        return self._forward_one(probe)
+
+    @torch.inference_mode()
+    def recompute_logits(self, tokens: list[int]) -> torch.Tensor:
+        """[vocab_size] next-token logits from scratch (no cache): the reference for rollback."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        return self.model(input_ids=ids, use_cache=False).logits[0, -1].float()

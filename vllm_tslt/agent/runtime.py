@@ -1,0 +1,313 @@
+"""The drafting loop: protocol events in, drafts out, proactive drafting, adaptive γ.
+
+One thread owns the client (socket) and the drafter (torch); the HTTP front never waits on it.
+Each loop iteration: advance the client's timers, take the edge's messages, then do one unit of
+drafting work, batched across requests:
+
+1. *urgent*: requests whose committed sequence has no draft yet get one more chain token each;
+   a request whose chain reaches its γ sends ``Draft(chain[:γ])`` at once;
+2. otherwise *proactive*: requests with a draft in flight keep extending the chain as if the draft
+   will be accepted in full, including a guess for the edge's bonus token (chain position γ,
+   sampled from q̃ like every other chain token), up to 2γ + 1 tokens. If the edge's commit equals
+   the chain's head, the chain's tail is already the next draft and leaves immediately (a *hit*).
+   With ``send_ahead`` it leaves even earlier: as soon as it is drafted, tagged with the expected
+   sequence (the hub keeps drafts per committed length), so on a hit the edge has it before the
+   commit reaches the device and the round trip is saved too. A miss costs its uplink bytes only.
+
+Between units the loop polls the socket without waiting, so a commit interrupts proactive work
+after at most one forward pass. γ comes from ``GammaController`` when ``num_draft_tokens`` is
+"auto" (0 = the edge decodes this step alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
+from vllm_tslt.agent.client import EdgeClient, HandshakeRefused
+from vllm_tslt.agent.config import AgentConfig
+from vllm_tslt.agent.drafter import CommitMismatch, Drafter, DraftState
+from vllm_tslt.protocol import (
+    PROTOCOL_VERSION,
+    Commit,
+    DecodeLimits,
+    End,
+    Error,
+    Handshake,
+    Message,
+    RequestStart,
+)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.02  # socket wait when there is no drafting work
+MAX_REQUESTS = 256  # concurrent requests the device tracks (more are left to the edge alone)
+
+
+@dataclass
+class SentDraft:
+    committed_len: int
+    tokens: list[int]
+    sent_at: float
+    num_bytes: int
+
+
+@dataclass
+class Track:
+    """Runtime bookkeeping of one request around its DraftState."""
+
+    state: DraftState
+    max_gamma: int
+    max_len: int  # prompt + max_tokens: never draft beyond
+    gamma: int = 0  # γ for the current committed sequence (0: no draft this step)
+    sent: SentDraft | None = None  # the draft for the current committed sequence
+    ahead: SentDraft | None = None  # a draft sent ahead for the sequence expected next
+    last_commit_at: float | None = None
+    plain: bool = True  # no draft of ours was in flight for the step that produced the last commit
+
+    def limit(self, want: int) -> int:
+        """Chain length to aim for, capped by max_len."""
+        return max(0, min(want, self.max_len - self.state.committed_len))
+
+
+class DraftRuntime:
+    """Owns the edge session and the drafting loop; ``start()`` runs it in a daemon thread."""
+
+    def __init__(self, config: AgentConfig, drafter: Drafter | None = None) -> None:
+        self.config = config
+        self.drafter = drafter or Drafter(
+            config.draft_model, config.device, config.dtype, config.sparsify_config(),
+            config.candidates)
+        vocab = self.drafter.vocab_size
+        hello = Handshake(PROTOCOL_VERSION, vocab, self.drafter.fingerprint(),
+                          self.drafter.model_name,
+                          ("multi_candidate",) if config.candidates > 1 else (), {}, "")
+        self.client = EdgeClient(
+            config.edge, hello, DecodeLimits(vocab_size=vocab),
+            handshake_timeout_s=config.handshake_timeout_s,
+            reconnect_initial_s=config.reconnect_initial_s,
+            reconnect_max_s=config.reconnect_max_s, silence_timeout_s=config.silence_timeout_s,
+            send_hwm=config.send_hwm, recv_hwm=config.recv_hwm)
+        fixed = None if config.adaptive else int(config.num_draft_tokens)
+        self.gamma_ctl = GammaController(AdaptiveConfig(
+            gamma_max=config.gamma_cap, fixed_gamma=fixed, min_speedup=config.min_speedup,
+            probe_interval_s=config.probe_interval_s))
+        self.tracks: dict[str, Track] = {}
+        self._epoch = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None  # why the loop ended, if it failed
+        self.counters: dict[str, int] = {
+            "requests": 0, "commits": 0, "drafts_sent": 0, "draft_tokens_sent": 0,
+            "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
+            "drafts_unused": 0, "accepted_tokens": 0, "rounds": 0, "ahead_sent": 0,
+            "ahead_hits": 0, "chain_matched": 0}
+
+    # ------------------------------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str:
+        return self.client.session_id
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tslt-draft-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.error("draft loop did not stop within %.1f s", timeout_s)
+        self.client.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_session(self, timeout_s: float) -> bool:
+        """True once a session exists; False at the deadline or if the loop died."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.session_id:
+                return True
+            if self.failure is not None or (self._thread is not None and not self.running):
+                return False
+            time.sleep(0.01)
+        return bool(self.session_id)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.run_once()
+        except HandshakeRefused as e:
+            logger.error("%s. Use a draft model with the target's tokenizer (--draft-model).", e)
+            self.failure = e
+        except Exception as e:  # a bug must not go silent: record it, log it, stop drafting
+            logger.exception("draft loop failed")
+            self.failure = e
+
+    def run_once(self) -> None:
+        """One loop iteration (public so tests can drive the loop without a thread)."""
+        self.client.step()
+        if self.client.epoch != self._epoch:  # new session: the edge knows none of our requests
+            self._epoch = self.client.epoch
+            self.tracks.clear()
+        for msg in self.client.poll(0.0 if self._has_work() else IDLE_POLL_S):
+            self._handle(msg)
+        self._work()
+
+    # ------------------------------------------------------------------------------------------
+    # Events from the edge
+    # ------------------------------------------------------------------------------------------
+
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, Commit):
+            self._on_commit(msg)
+        elif isinstance(msg, RequestStart):
+            self._on_start(msg)
+        elif isinstance(msg, End):
+            self.tracks.pop(msg.request_id, None)
+        elif isinstance(msg, Error):
+            logger.warning("edge error for %s: %s %s", msg.request_id, msg.code, msg.message)
+
+    def _on_start(self, msg: RequestStart) -> None:
+        if len(self.tracks) >= MAX_REQUESTS or not msg.prompt_ids:
+            logger.warning("not drafting for %s (tracking %d requests)", msg.request_id,
+                           len(self.tracks))
+            return
+        limits = self.client.edge_limits
+        params = msg.sampling_params
+        caps = [self.config.gamma_cap, limits.get("max_gamma", 64), params.get("max_gamma") or 64]
+        state = self.drafter.new_state(
+            msg.request_id, msg.prompt_ids, params, k_max=limits.get("max_k"),
+            candidates=min(self.config.candidates, limits.get("max_candidates", 16)))
+        max_tokens = params.get("max_tokens")
+        max_len = len(msg.prompt_ids) + (max_tokens if isinstance(max_tokens, int) else 1 << 30)
+        track = Track(state, max(1, min(int(c) for c in caps)), max_len)
+        track.gamma = self._choose_gamma(track)
+        self.tracks[msg.request_id] = track
+        self.counters["requests"] += 1
+
+    def _on_commit(self, msg: Commit) -> None:
+        track = self.tracks.get(msg.request_id)
+        if track is None:
+            return
+        now = time.monotonic()
+        self.counters["commits"] += 1
+        sent, state = track.sent, track.state
+        if sent is not None and sent.committed_len == state.committed_len:
+            self._observe_round(sent, msg.new_tokens, now)
+        elif track.plain and track.last_commit_at is not None and len(msg.new_tokens) == 1:
+            self.gamma_ctl.observe_target_step(now - track.last_commit_at)
+        try:
+            matched = self.drafter.commit(state, msg.committed_len, msg.new_tokens)
+        except CommitMismatch as e:
+            logger.warning("dropping request: %s", e)
+            self.tracks.pop(msg.request_id, None)
+            return
+        self.counters["rollbacks"] += int(matched < 0)
+        ahead = track.ahead
+        track.sent, track.ahead, track.last_commit_at, track.plain = None, None, now, True
+        track.gamma = self._choose_gamma(track)
+        if sent is not None and self.config.proactive and track.gamma:
+            hit = matched >= 0 and state.chain_len >= track.gamma
+            self.counters["proactive_rounds"] += 1
+            self.counters["proactive_hits"] += int(hit)
+            self.counters["chain_matched"] += int(matched >= 0)
+            self.gamma_ctl.observe_proactive(hit)
+        if ahead is not None and matched >= 0 and ahead.committed_len == state.committed_len:
+            # The edge holds this draft already (sent ahead); its round starts now.
+            track.sent = SentDraft(ahead.committed_len, ahead.tokens, now, ahead.num_bytes)
+            track.gamma, track.plain = len(ahead.tokens), False
+            self.counters["ahead_hits"] += 1
+        elif track.gamma and state.chain_len >= track.gamma:
+            self._send(track)  # proactive hit: the next draft leaves at once
+
+    def _observe_round(self, sent: SentDraft, new_tokens: tuple[int, ...], now: float) -> None:
+        accepted = 0
+        while accepted < min(len(sent.tokens), len(new_tokens)) and \
+                sent.tokens[accepted] == new_tokens[accepted]:
+            accepted += 1
+        if len(new_tokens) == 1 and accepted == 1:
+            # The edge emitted our first draft token alone: it decoded without our draft (late).
+            self.counters["drafts_unused"] += 1
+            return
+        self.counters["rounds"] += 1
+        self.counters["accepted_tokens"] += accepted
+        self.gamma_ctl.observe_round(len(sent.tokens), accepted, sent.num_bytes,
+                                     now - sent.sent_at)
+
+    def _choose_gamma(self, track: Track) -> int:
+        gamma = min(self.gamma_ctl.choose(time.monotonic()), track.max_gamma)
+        gamma = track.limit(gamma)
+        self.counters["steps_off"] += int(gamma == 0)
+        return gamma
+
+    # ------------------------------------------------------------------------------------------
+    # Drafting work
+    # ------------------------------------------------------------------------------------------
+
+    def _send(self, track: Track) -> None:
+        state, gamma = track.state, track.gamma
+        draft = self.drafter.draft_message(state, gamma)
+        num_bytes = self.client.send(draft)
+        track.plain = False
+        if num_bytes:
+            track.sent = SentDraft(state.committed_len, draft.tokens.tolist(), time.monotonic(),
+                                   num_bytes)
+            self.counters["drafts_sent"] += 1
+            self.counters["draft_tokens_sent"] += gamma
+        else:
+            track.gamma = 0  # not connected or queue full: this step goes without a draft
+
+    def _proactive_wanted(self, t: Track) -> bool:
+        return (self.config.proactive and t.sent is not None
+                and t.state.chain_len < t.limit(2 * t.gamma + 1))
+
+    def _has_work(self) -> bool:
+        return any((t.gamma and t.sent is None) or self._proactive_wanted(t)
+                   for t in self.tracks.values())
+
+    def _work(self) -> None:
+        """One batched chain extension: urgent requests first, else proactive ones."""
+        urgent = [t for t in self.tracks.values() if t.gamma and t.sent is None]
+        batch = [t for t in urgent if t.state.chain_len < t.gamma]
+        if not batch:  # nothing urgent: draft ahead
+            batch = [t for t in self.tracks.values() if self._proactive_wanted(t)]
+        if batch:
+            t0 = time.perf_counter()
+            self.drafter.extend([t.state for t in batch])
+            self.gamma_ctl.observe_draft(1, time.perf_counter() - t0)
+        for t in self.tracks.values():
+            if t.sent is None and t.gamma and t.state.chain_len >= t.gamma:
+                self._send(t)
+            elif t.sent is not None and t.ahead is None and self.config.send_ahead:
+                self._send_ahead(t)
+
+    def _send_ahead(self, track: Track) -> None:
+        """Send chain[γ + 1 : 2γ + 1] for the sequence committed + chain[:γ + 1], once drafted."""
+        offset = len(track.sent.tokens) + 1  # type: ignore[union-attr]
+        gamma = min(track.gamma, track.limit(1 << 30) - offset)
+        if gamma < 1 or track.state.chain_len < offset + gamma:
+            return
+        draft = self.drafter.draft_message(track.state, gamma, offset)
+        num_bytes = self.client.send(draft)
+        if num_bytes:
+            track.ahead = SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(),
+                                    num_bytes)
+            self.counters["ahead_sent"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        rounds = c["proactive_rounds"]
+        return {**c, "proactive_hit_rate": c["proactive_hits"] / rounds if rounds else None,
+                "acceptance": c["accepted_tokens"] / max(c["draft_tokens_sent"], 1),
+                "active_requests": len(self.tracks), "forward_calls": self.drafter.forward_calls,
+                "client": self.client.stats(), "gamma": self.gamma_ctl.snapshot()}

@@ -1,0 +1,161 @@
+"""The remote-draft proxy: vLLM's proposer (`custom_class`) replaced by drafts from devices.
+
+vLLM calls `propose(...)` after each step without request ids; `vllm_tslt.patches.runner` binds the
+model runner and the step's scheduler output first (`bind_step`), so the proxy can see which request
+is which, send each device its committed tokens, collect drafts until the deadline, and later hand
+the rejection sampler the exact sparse q̃ each drafted token was sampled from (`draft_probs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from vllm_tslt.core.sparsify import SparseQ
+from vllm_tslt.protocol import Draft, vocab_fingerprint
+
+from .config import TsltConfig
+from .hub import DraftHub
+from .stats import StatsWriter
+
+logger = logging.getLogger(__name__)
+
+SESSION_KEY = "tslt_session"  # vllm_xargs / SamplingParams.extra_args key naming the device session
+
+
+def request_params(sampling_params: Any, max_gamma: int) -> dict[str, Any]:
+    """What a device needs of a request's sampling params to draft well (scalars only)."""
+    return {
+        "temperature": float(sampling_params.temperature),
+        "top_p": float(sampling_params.top_p),
+        "top_k": int(sampling_params.top_k or 0),
+        "seed": sampling_params.seed,
+        "max_tokens": sampling_params.max_tokens,
+        "max_gamma": max_gamma,
+    }
+
+
+class TsltProposer:
+    """`speculative_config.method = "tslt"` (registered with vLLM as a `custom_class` proposer)."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        options = (vllm_config.additional_config or {}).get("tslt", {})
+        self.config = TsltConfig.from_dict(options)
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise NotImplementedError(
+                "speculative_config.method 'tslt' supports tensor_parallel_size 1 in this version "
+                "(drafts are received on one rank and not yet broadcast)")
+        model_config = vllm_config.model_config
+        self.max_gamma = int(vllm_config.speculative_config.num_speculative_tokens)
+        self.vocab_size = int(model_config.get_vocab_size())
+        served = model_config.served_model_name
+        model_name = served[0] if isinstance(served, list) else (served or model_config.model)
+        self.hub = DraftHub(self.config, vocab_size=self.vocab_size,
+                            vocab_fingerprint=_tokenizer_fingerprint(model_config),
+                            model_name=str(model_config.model if served is None else model_name),
+                            max_gamma=self.max_gamma).start()
+        self.stats = StatsWriter(self.hub, self.config.stats_path or None).start()
+        self._runner: Any = None
+        self._finished: set[str] = set()
+        self._committed: dict[str, int] = {}  # request -> committed length sent (-1: unbound)
+        self._pending: dict[str, Draft] = {}  # request -> draft handed to the scheduler
+
+    # vLLM's CPU runner calls this with the target model; nothing to load here.
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def bind_step(self, runner: Any, scheduler_output: Any) -> None:
+        self._runner = runner
+        self._finished |= set(scheduler_output.finished_req_ids or ())
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any,
+                token_ids_cpu: Any, slot_mappings: Any = None) -> list[list[int]]:
+        """Draft token ids per request in batch order (empty list: no draft this step)."""
+        t0 = time.perf_counter()
+        runner = self._runner
+        for rid in self._finished:
+            self.hub.end_request(rid, "finished")
+            self._committed.pop(rid, None)
+            self._pending.pop(rid, None)
+        self._finished.clear()
+        req_ids = list(runner.input_batch.req_ids)
+        bound = []
+        for i, rid in enumerate(req_ids):
+            if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,
+                            token_ids_cpu):
+                bound.append(rid)
+        t1 = time.perf_counter()
+        drafts = self.hub.collect(bound, self.config.draft_deadline_ms / 1000.0) if bound else {}
+        t2 = time.perf_counter()
+        out: list[list[int]] = []
+        for rid in req_ids:
+            draft = drafts.get(rid)
+            if draft is None:
+                self._pending.pop(rid, None)
+                out.append([])
+                continue
+            self._pending[rid] = draft
+            out.append(draft.tokens[: self.max_gamma].tolist())
+        self.hub.count("proxy_steps")
+        self.hub.count("proxy_overhead_us", int(((t1 - t0) + (time.perf_counter() - t2)) * 1e6))
+        return out
+
+    def _commit(self, runner: Any, rid: str, i: int, sampled: list[int], num_tokens_no_spec: Any,
+                token_ids_cpu: Any) -> bool:
+        """Start or advance request rid with the hub. True if a draft should be collected."""
+        sent = self._committed.get(rid)
+        if sent is None:
+            req = runner.requests[rid]
+            params = req.sampling_params
+            session = ((params.extra_args or {}).get(SESSION_KEY) if params is not None else None)
+            prompt = list(req.prompt_token_ids or [])
+            ok = bool(session) and self.hub.start_request(
+                rid, str(session), prompt, request_params(params, self.max_gamma))
+            if not session:
+                self.hub.count("requests_without_session")
+            sent = len(prompt) if ok else -1
+            self._committed[rid] = sent
+        if sent < 0 or not sampled:  # unbound, or a partial prefill produced no token
+            return False
+        length = int(num_tokens_no_spec[i])
+        if length > sent:
+            self.hub.commit(rid, length, token_ids_cpu[i, sent:length].tolist())
+            self._committed[rid] = length
+        return True
+
+    def draft_probs(self, req_ids: list[str], metadata: Any, device: torch.device) -> torch.Tensor:
+        """Dense q̃ [num_draft_tokens, vocab_size] float32 for the drafts vLLM scheduled this step.
+
+        A row whose scheduled tokens are not a prefix of the draft we handed out (or whose draft is
+        gone) is one-hot at the scheduled token: always lossless (DESIGN.md rule 7).
+        """
+        return self._gather(req_ids, metadata).dense(self.vocab_size).to(device)
+
+    def _gather(self, req_ids: list[str], metadata: Any) -> SparseQ:
+        scheduled = metadata.draft_token_ids.to("cpu", torch.int64)  # [num_draft_tokens]
+        parts: list[SparseQ] = []
+        offset = 0
+        for rid, n in zip(req_ids, metadata.num_draft_tokens):
+            if n == 0:
+                continue
+            tokens = scheduled[offset: offset + n]
+            offset += n
+            draft = self._pending.pop(rid, None)
+            if draft is not None and draft.gamma >= n and torch.equal(draft.tokens[:n], tokens):
+                parts.append(draft.q.rows(0, n))
+                self.hub.count("draft_tokens_verified", n)
+            else:
+                parts.append(SparseQ.one_hot(tokens, quant_bits=1))
+                self.hub.count("draft_rows_one_hot", n)
+        return SparseQ.concat(parts)
+
+
+def _tokenizer_fingerprint(model_config: Any) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_config.tokenizer,
+                                        trust_remote_code=model_config.trust_remote_code)
+    return vocab_fingerprint(tok.get_vocab())

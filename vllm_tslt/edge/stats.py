@@ -1,0 +1,120 @@
+"""Hub counters -> a JSON file (worker process) -> Prometheus metrics on vLLM's /metrics (API server).
+
+The hub lives in the engine's worker process while /metrics is served by the API server process, so
+the worker writes a snapshot file every half second (atomic rename) and a collector registered in the
+API server reads it at scrape time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+INTERVAL_S = 0.5
+
+
+def default_stats_path(bind: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", bind)
+    return Path(tempfile.gettempdir()) / f"vllm-tslt-hub-{safe}.json"
+
+
+class StatsWriter:
+    def __init__(self, hub: Any, path: str | None) -> None:
+        self.hub = hub
+        self.path = Path(path) if path else default_stats_path(hub.config.bind)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tslt-stats", daemon=True)
+
+    def start(self) -> StatsWriter:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def write_once(self) -> None:
+        snap = self.hub.snapshot()
+        snap["endpoint"] = self.hub.endpoint
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(snap))
+        tmp.replace(self.path)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(INTERVAL_S):
+            try:
+                self.write_once()
+            except OSError as exc:  # a full disk must not take the engine down
+                logger.warning("cannot write TSLT stats to %s: %s", self.path, exc)
+
+
+# (metric name, snapshot key, help); counters are exposed with Prometheus' _total suffix.
+COUNTERS = (
+    ("vllm_tslt_uplink_bytes", "uplink_bytes", "Bytes received from devices"),
+    ("vllm_tslt_downlink_bytes", "downlink_bytes", "Bytes sent to devices"),
+    ("vllm_tslt_drafts_received", "drafts_received", "Draft messages received"),
+    ("vllm_tslt_drafts_used", "drafts_used", "Drafts handed to the scheduler"),
+    ("vllm_tslt_draft_tokens_verified", "draft_tokens_verified",
+     "Draft tokens verified against the device's sparse q"),
+    ("vllm_tslt_draft_rows_one_hot", "draft_rows_one_hot",
+     "Scheduled draft tokens verified with the one-hot fallback"),
+    ("vllm_tslt_draft_wait_microseconds", "wait_us", "Time engine steps waited for drafts"),
+    ("vllm_tslt_proxy_overhead_microseconds", "proxy_overhead_us",
+     "Proxy time per step outside the wait"),
+    ("vllm_tslt_proxy_steps", "proxy_steps", "Engine steps that ran the proxy"),
+    ("vllm_tslt_requests_bound", "requests_bound", "Requests bound to a device session"),
+    ("vllm_tslt_requests_without_session", "requests_without_session",
+     "Requests that named no tslt_session (the edge decoded alone)"),
+)
+DROP_PREFIXES = ("dropped_", "invalid_", "handshake_refused_", "requests_unknown_session",
+                 "requests_over_session_limit")
+
+
+class HubMetricsCollector:
+    """prometheus_client custom collector reading the worker's snapshot file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.read()
+        for name, key, doc in COUNTERS:
+            yield CounterMetricFamily(name, doc, value=float(snap.get(key, 0)))
+        dropped = CounterMetricFamily("vllm_tslt_drafts_dropped",
+                                      "Drafts or requests without a usable draft, by reason",
+                                      labels=["reason"])
+        for key, value in sorted(snap.items()):
+            if key.startswith(DROP_PREFIXES):
+                dropped.add_metric([key], float(value))
+        yield dropped
+        yield GaugeMetricFamily("vllm_tslt_sessions_active", "Connected device sessions",
+                                value=float(snap.get("sessions_active", 0)))
+        yield GaugeMetricFamily("vllm_tslt_requests_active", "Requests bound to a session",
+                                value=float(snap.get("requests_active", 0)))
+
+
+_registered: set[str] = set()
+
+
+def register_metrics(path: Path) -> None:
+    """Register the collector once per path in this process (the API server's registry)."""
+    if str(path) in _registered:
+        return
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(HubMetricsCollector(path))
+    _registered.add(str(path))

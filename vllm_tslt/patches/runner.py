@@ -1,0 +1,59 @@
+"""Model-runner hooks for the remote-draft proxy (vLLM 0.32.0 `GPUModelRunner`, CPU runner too).
+
+- `propose_draft_token_ids`: vLLM calls our proposer's `propose()` without request ids or the
+  scheduler output; the wrapper binds both to the proposer first, then runs vLLM's own method.
+- `_get_spec_decode_draft_probs`: the only way draft probabilities reach vLLM's rejection sampler;
+  the wrapper returns the devices' sparse q̃ for exactly the drafts vLLM scheduled (dense, "scatter"
+  verifier) or a `SparseDraftProbs` handle for the fused sparse verifier.
+Both call the original untouched when the drafter is not ours.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .patch import Patch
+
+RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+
+
+def _is_tslt(runner) -> bool:
+    from vllm_tslt.edge.proposer import TsltProposer
+
+    return isinstance(getattr(runner, "drafter", None), TsltProposer)
+
+
+def _wrap_propose(original):
+    @functools.wraps(original)
+    def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
+        if _is_tslt(self):
+            self.drafter.bind_step(self, scheduler_output)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    return propose_draft_token_ids
+
+
+def _wrap_draft_probs(original):
+    @functools.wraps(original)
+    def _get_spec_decode_draft_probs(self, spec_decode_metadata):
+        if not _is_tslt(self):
+            return original(self, spec_decode_metadata)
+        return self.drafter.draft_probs(list(self.input_batch.req_ids), spec_decode_metadata,
+                                        self.device)
+
+    return _get_spec_decode_draft_probs
+
+
+PATCHES = (
+    Patch(RUNNER, "propose_draft_token_ids", "0.32.0", _wrap_propose),
+    Patch(RUNNER, "_get_spec_decode_draft_probs", "0.32.0", _wrap_draft_probs),
+)
+
+
+def apply() -> bool:
+    applied = False
+    for patch in PATCHES:
+        if not patch.applied:
+            patch.apply()
+            applied = True
+    return applied
