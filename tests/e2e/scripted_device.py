@@ -13,8 +13,18 @@ import zmq
 
 from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
 from vllm_tslt.protocol import (
-    PROTOCOL_VERSION, Commit, DecodeLimits, Draft, End, Error, Handshake, RequestStart, decode,
-    encode, prefix_hash, vocab_fingerprint,
+    PROTOCOL_VERSION,
+    Commit,
+    DecodeLimits,
+    Draft,
+    End,
+    Error,
+    Handshake,
+    RequestStart,
+    decode,
+    encode,
+    prefix_hash,
+    vocab_fingerprint,
 )
 
 

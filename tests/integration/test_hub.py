@@ -12,8 +12,17 @@ from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import DraftHub
 from vllm_tslt.protocol import (
-    PROTOCOL_VERSION, Commit, DecodeLimits, Draft, End, Error, Handshake, RequestStart, decode,
-    encode, prefix_hash,
+    PROTOCOL_VERSION,
+    Commit,
+    DecodeLimits,
+    Draft,
+    End,
+    Error,
+    Handshake,
+    RequestStart,
+    decode,
+    encode,
+    prefix_hash,
 )
 
 pytestmark = pytest.mark.integration
