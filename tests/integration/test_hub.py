@@ -151,3 +151,25 @@ def test_garbage_and_unknown_peers_do_not_stop_the_hub(hub):
     finally:
         good.close()
         bad.close()
+
+
+def test_a_silent_device_costs_at_most_a_few_deadlines(hub):
+    from vllm_tslt.edge.hub import MAX_MISSED_DEADLINES
+
+    dev = Device(hub.endpoint)
+    try:
+        sid = dev.handshake().session_id
+        hub.start_request("r1", sid, [1, 2], {})
+        dev.recv()
+        t0 = time.monotonic()
+        for _ in range(MAX_MISSED_DEADLINES):
+            assert hub.collect(["r1"], deadline_s=0.1) == {}
+        assert time.monotonic() - t0 >= 0.1 * MAX_MISSED_DEADLINES - 0.01
+        t1 = time.monotonic()
+        assert hub.collect(["r1"], deadline_s=0.5) == {}  # unresponsive: no wait
+        assert time.monotonic() - t1 < 0.05
+        dev.send(make_draft("r1", [1, 2]))  # it speaks again: waited for again
+        time.sleep(0.1)
+        assert "r1" in hub.collect(["r1"], deadline_s=0.5)
+    finally:
+        dev.close()

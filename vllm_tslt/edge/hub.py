@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 CAPABILITIES = ("multi_candidate",)
 MAX_DRAFTS_PER_REQUEST = 4  # drafts kept per request (for different assumed prefixes)
 SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no traffic and no requests is forgotten
+# After this many steps in a row without a usable draft, the engine stops waiting for a session
+# (a stalled or vanished device costs at most this many deadlines) until it sends a draft again.
+MAX_MISSED_DEADLINES = 3
 _POLL_MS = 100
 
 
@@ -51,6 +54,7 @@ class _Session:
     identity: bytes
     requests: set[str] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
+    missed: int = 0  # consecutive collect() deadlines this session's requests missed
 
 
 @dataclass
@@ -191,15 +195,20 @@ class DraftHub:
         found: dict[str, Draft] = {}
         with self._cond:
             wanted = {rid: p for rid in request_ids if (p := self._expected_locked(rid))}
+            sessions = {rid: self._session_of(rid) for rid in wanted}
+            responsive = {rid for rid, s in sessions.items() if s.missed < MAX_MISSED_DEADLINES}
             while True:
                 for rid, (length, phash) in wanted.items():
                     draft = self._requests[rid].drafts.get(length) if rid in self._requests else None
                     if draft is not None and draft.prefix_hash == phash:
                         found[rid] = draft
                 now = time.monotonic()
-                if len(found) == len(wanted) or now >= end:
+                if responsive <= found.keys() or now >= end:
                     break
                 self._cond.wait(timeout=end - now)
+            for session in {id(s): s for s in sessions.values()}.values():
+                got = any(rid in found for rid in session.requests)
+                session.missed = 0 if got else session.missed + 1
             for rid, (length, _) in wanted.items():
                 req = self._requests.get(rid)
                 if rid in found:
@@ -226,6 +235,9 @@ class DraftHub:
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _session_of(self, request_id: str) -> _Session:
+        return self._sessions[self._requests[request_id].session_id]
 
     def _expected_locked(self, request_id: str) -> tuple[int, int] | None:
         req = self._requests.get(request_id)
@@ -321,6 +333,7 @@ class DraftHub:
                 self.counters["dropped_late"] += 1
                 return
             req.drafts[draft.committed_len] = draft
+            session.missed = 0
             while len(req.drafts) > MAX_DRAFTS_PER_REQUEST:
                 req.drafts.pop(min(req.drafts))
             self._cond.notify_all()
