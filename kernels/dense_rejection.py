@@ -39,6 +39,13 @@ def num_draft_tokens_from_cu(cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
     return cu - torch.nn.functional.pad(cu[:-1], (1, 0))
 
 
+def request_of_token(cu_num_draft_tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_tokens] int64 request index of each draft row (cu is an inclusive cumsum)."""
+    tokens = torch.arange(num_tokens, device=cu_num_draft_tokens.device,
+                          dtype=cu_num_draft_tokens.dtype)
+    return torch.searchsorted(cu_num_draft_tokens, tokens, right=True)
+
+
 def assemble_output(
     # [num_tokens] int32
     draft_token_ids: torch.Tensor,
@@ -114,10 +121,8 @@ def dense_rejection_sample_ref(
     num_tokens = draft_token_ids.shape[0]
     if target_argmax is None:
         target_argmax = target_probs.argmax(dim=-1)
-    num_draft = num_draft_tokens_from_cu(cu_num_draft_tokens)
     # [num_tokens]
-    req_of_token = torch.repeat_interleave(
-        torch.arange(cu_num_draft_tokens.shape[0], device=draft_token_ids.device), num_draft)
+    req_of_token = request_of_token(cu_num_draft_tokens, num_tokens)
     greedy_token = is_greedy[req_of_token]
     ids = draft_token_ids.to(torch.int64)
     safe = ids.clamp(min=0).unsqueeze(1)

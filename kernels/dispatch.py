@@ -85,4 +85,5 @@ def auto_sparse_rejection_sample(*args, backend: Backend = "auto", **kwargs) -> 
     if select_backend("sparse_rejection_sample", target_probs.device, backend) == "triton":
         return _sparse.sparse_rejection_sample(*args, **kwargs)
     kwargs.pop("block_size", None)
+    kwargs.pop("num_warps", None)
     return _sparse.sparse_rejection_sample_torch(*args, **kwargs)

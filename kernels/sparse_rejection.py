@@ -45,8 +45,8 @@ from ._triton_compat import next_power_of_2, tl, triton
 from .dense_rejection import (
     PLACEHOLDER_TOKEN_ID,
     assemble_output,
-    num_draft_tokens_from_cu,
     recover_chunk_rows,
+    request_of_token,
 )
 
 # Vocab block streamed per loop iteration; 4096 fp32 p + inv_q = 32 KiB in flight per program.
@@ -276,8 +276,13 @@ def sparse_rejection_sample(
     alt_token_ids: torch.Tensor | None = None,
     target_argmax: torch.Tensor | None = None,
     block_size: int = FUSED_BLOCK_SIZE,
+    num_warps: int = 8,
 ) -> torch.Tensor:
-    """Triton fused sparse rejection sampler → `[batch_size, max_spec_len + 1]` int32."""
+    """Triton fused sparse rejection sampler → `[batch_size, max_spec_len + 1]` int32.
+
+    `block_size` (vocab entries streamed per loop step) and `num_warps` are launch tunables;
+    they do not change the output.
+    """
     uniform, alts, inv_q = _prepare_inputs(
         draft_token_ids, cu_num_draft_tokens, max_spec_len, target_probs, sparse_indices,
         sparse_probs, bonus_token_ids, uniform_probs, is_greedy, q, inv_q, alt_token_ids)
@@ -308,7 +313,7 @@ def sparse_rejection_sample(
         K_PAD=next_power_of_2(max(k, 1)),
         HAS_TARGET_ARGMAX=target_argmax is not None,
         BLOCK_SIZE=block_size,
-        num_warps=8,
+        num_warps=num_warps,
         # NOTE: no FMA contraction, so `residual - mass * q_s` rounds like torch does.
         enable_fp_fusion=False,
     )
@@ -364,9 +369,7 @@ def sparse_rejection_sample_torch(
         draft_token_ids, cu_num_draft_tokens, max_spec_len, target_probs, sparse_indices,
         sparse_probs, bonus_token_ids, uniform_probs, is_greedy, q, inv_q, alt_token_ids)
     num_tokens, num_candidates = uniform.shape
-    num_draft = num_draft_tokens_from_cu(cu_num_draft_tokens)
-    req_of_token = torch.repeat_interleave(
-        torch.arange(cu_num_draft_tokens.shape[0], device=target_probs.device), num_draft)
+    req_of_token = request_of_token(cu_num_draft_tokens, num_tokens)
     greedy_token = is_greedy[req_of_token]
 
     valid, q_s, residual = _sparse_state(target_probs, sparse_indices, sparse_probs)
@@ -420,8 +423,9 @@ def _recover_rows(target_probs, inv_q, token_idx, req_idx, indices, valid, resid
     for chunk in torch.arange(token_idx.shape[0], device=token_idx.device).split(
             recover_chunk_rows(target_probs.shape[1])):
         tok = token_idx[chunk]
-        iq = inv_q.index_select(0, req_idx[chunk])
-        score = target_probs.index_select(0, tok).to(iq.dtype).mul_(iq)
+        # NOTE: advanced indexing, not index_select (much slower on CPU for long rows)
+        iq = inv_q[req_idx[chunk]]
+        score = target_probs[tok].to(iq.dtype).mul_(iq)
         ok = valid[tok]
         rows = torch.arange(tok.shape[0], device=tok.device).unsqueeze(1).expand_as(ok)
         cols = indices[tok][ok].long()

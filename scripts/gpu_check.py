@@ -46,6 +46,10 @@ PEAK_GBPS = [
 SHAPES_N = [64, 512, 4096]
 SHAPES_V = [32000, 151936]
 TOP_K = 32
+# Same synthetic distributions as scripts/bench_verify_cpu.py: target logits ~ N(0, 8^2) (the
+# top-32 hold most of the mass), typical draft = target logits + N(0, 1).
+SHARPNESS = 8.0
+DRAFT_NOISE = 1.0
 
 
 def peak_gbps(name: str, override: float | None) -> tuple[float | None, str]:
@@ -136,12 +140,13 @@ def make_inputs(num_tokens: int, vocab: int, gamma: int, correlated: bool, num_c
                 seed: int = 0, dev: str = "cuda") -> dict:
     g = torch.Generator(device=dev).manual_seed(seed)
     batch = num_tokens // gamma
-    logits = torch.randn(num_tokens, vocab, device=dev, generator=g) * 3.0
+    logits = torch.randn(num_tokens, vocab, device=dev, generator=g) * SHARPNESS
     target_probs = logits.softmax(dim=-1)
     if correlated:
-        draft_logits = logits + 0.5 * torch.randn(num_tokens, vocab, device=dev, generator=g)
+        draft_logits = logits + DRAFT_NOISE * torch.randn(num_tokens, vocab, device=dev,
+                                                           generator=g)
     else:
-        draft_logits = torch.randn(num_tokens, vocab, device=dev, generator=g) * 3.0
+        draft_logits = torch.randn(num_tokens, vocab, device=dev, generator=g) * SHARPNESS
     del logits
     top_vals, top_idx = draft_logits.topk(TOP_K, dim=-1)
     del draft_logits
@@ -243,6 +248,34 @@ def bench_shape(kern, n: int, vocab: int, regime: str, budget_ms: float,
     )
 
 
+def sweep_fused_launch(kern, budget_ms: float, dev: str = "cuda", n: int = 4096,
+                       vocab: int = 151936) -> list[dict]:
+    """Fused kernel launch tunables at the target shape (worst regime): which to default to."""
+    x = make_inputs(n, vocab, 1, False, 1, dev=dev)
+    reference = None
+    rows = []
+    for block_size, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16),
+                                  (16384, 16)):
+        def fused(block_size=block_size, num_warps=num_warps):
+            return kern.sparse_rejection_sample(
+                x["draft_token_ids"], x["cu_num_draft_tokens"], 1, x["target_probs"],
+                x["sparse_indices"], x["sparse_probs"], x["bonus_token_ids"],
+                x["uniform_probs"], x["is_greedy"], inv_q=x["inv_q"],
+                target_argmax=x["target_argmax"], block_size=block_size, num_warps=num_warps)
+        try:
+            out = fused()
+            reference = out if reference is None else reference
+            recovered = int((out[:, 1] != vocab).sum())
+            ms = time_ms(fused, budget_ms)
+            rows.append(dict(block_size=block_size, num_warps=num_warps, ms=ms,
+                             same_output=bool(torch.equal(out, reference)),
+                             gbps=(recovered * vocab * 8 + n * (TOP_K * 12 + 24)) / ms / 1e6))
+        except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+            rows.append(dict(block_size=block_size, num_warps=num_warps,
+                             error=f"{type(exc).__name__}: {exc}"[:300]))
+    return rows
+
+
 def copy_bandwidth_gbps() -> float:
     src = torch.empty(256 * 1024 * 1024, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
@@ -322,6 +355,14 @@ def main() -> int:
                         report["skipped"].append(f"{regime} N={n} V={vocab}: "
                                                  + traceback.format_exc()[-1500:])
                     save()
+        if time.time() - started < DEADLINE_S:
+            n_sweep, v_sweep = (12, 300) if opts.cpu_smoke else (4096, 151936)
+            report["fused_launch_sweep"] = sweep_fused_launch(kern, budget, dev, n_sweep, v_sweep)
+            for row in report["fused_launch_sweep"]:
+                print("fused launch", row)
+        else:
+            report["skipped"].append("fused launch sweep: deadline")
+        save()
         print(f"\n{name}: peak {peak} GB/s ({peak_source}); torch copy "
               f"{report['copy_gbps']:.0f} GB/s")
         print_table(report["bench"], peak)

@@ -6,6 +6,7 @@ It handshakes, then for every RequestStart/Commit drafts γ tokens with the draf
 
 from __future__ import annotations
 
+import random
 import threading
 
 import torch
@@ -64,6 +65,15 @@ class ScriptedDevice:
         self._thread.start()
         return self
 
+    def start_after_handshake(self) -> ScriptedDevice:
+        reply = self.handshake()
+        assert isinstance(reply, Handshake), reply
+        return self.start()
+
+    def goodbye(self) -> None:
+        """Tell the edge this device is leaving (End with an empty request id)."""
+        self.sock.send(encode(End("", "bye")))
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
@@ -89,12 +99,16 @@ class ScriptedDevice:
     def _send_draft(self, request_id: str, seq: list[int]) -> None:
         if self.mode == "garbage":
             data = b"\x93\x01\x04" + bytes(range(256)) * 3
+        elif self.mode == "lying":
+            data = encode(self._lying_draft(request_id, seq))
         else:
             temperature = float(self.params[request_id].get("temperature", 1.0))
             cfg = SparsifyConfig(temperature=temperature, top_k=self.top_k, quant_bits=12)
             ids = list(seq)
             tokens, rows = [], []
-            gen = torch.Generator().manual_seed(len(seq))
+            # Fresh randomness per draft: the draft token must be a sample from q̃ (a fixed seed per
+            # position would make it a fixed token across requests, which biases the output).
+            gen = torch.Generator().manual_seed(random.getrandbits(62))
             for _ in range(self.gamma):
                 logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1:]
                 tok, q = sparsify_then_sample(logits, cfg, gen)
@@ -109,3 +123,19 @@ class ScriptedDevice:
         self.sock.send(data)
         self.drafts_sent += 1
         self.uplink_bytes += len(data)
+
+    @torch.no_grad()
+    def _lying_draft(self, request_id: str, seq: list[int]) -> Draft:
+        """Drafts the draft model's argmax but claims q̃ uniform over its top-16: NOT a sample
+        from the q̃ it sends (breaks DESIGN.md rule 1), so verification is biased towards it."""
+        from vllm_tslt.core.sparsify import SparseQ
+
+        ids, tokens, indices = list(seq), [], []
+        for _ in range(self.gamma):
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            top = torch.topk(logits, 16).indices
+            tokens.append(int(top[0]))
+            indices.append(top.sort().values.to(torch.int32))
+            ids.append(int(top[0]))
+        q = SparseQ(torch.stack(indices), torch.full((self.gamma, 16), 256, dtype=torch.int32), 12)
+        return Draft(request_id, len(seq), prefix_hash(seq), torch.tensor(tokens), q)

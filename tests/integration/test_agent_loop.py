@@ -121,7 +121,7 @@ def _prompt(drafter, i: int) -> list[int]:
 
 
 def test_greedy_loop_output_equals_target_alone(loop, models):
-    runtime, hub, engine = loop
+    runtime, _hub, engine = loop
     drafter, target = models
     for i in range(2):
         prompt = _prompt(drafter, i)
@@ -137,7 +137,7 @@ def test_greedy_loop_output_equals_target_alone(loop, models):
 
 
 def test_sampled_loop_rolls_back_and_reaches_the_end(loop, models):
-    runtime, hub, engine = loop
+    runtime, _hub, engine = loop
     drafter, _ = models
     prompt = _prompt(drafter, 2)
     out = engine.generate("s0", runtime.session_id, prompt, max_tokens=60, temperature=1.0,
@@ -157,7 +157,7 @@ def test_sampled_loop_rolls_back_and_reaches_the_end(loop, models):
 def test_concurrent_requests_are_batched(loop, models):
     import threading
 
-    runtime, hub, engine = loop
+    runtime, hub, _engine = loop
     drafter, target = models
     outs: dict[int, list[int]] = {}
 
@@ -174,3 +174,85 @@ def test_concurrent_requests_are_batched(loop, models):
     for i in range(3):
         assert outs[i] == greedy_reference(target, _prompt(drafter, i), 24)
     assert drafter.forward_calls > calls0
+
+
+def test_vocab_mismatch_stops_the_agent_with_the_reason(models, caplog):
+    drafter, _ = models
+    hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0"), vocab_size=drafter.vocab_size,
+                   vocab_fingerprint="0" * 32, model_name="other-target", max_gamma=4).start()
+    runtime = DraftRuntime(AgentConfig(draft_model="unused", edge=hub.endpoint), drafter)
+    runtime.start()
+    try:
+        assert not runtime.wait_session(5)
+        assert runtime.failure is not None and "vocab_mismatch" in str(runtime.failure)
+        assert "--draft-model" in caplog.text
+    finally:
+        runtime.stop()
+        hub.close()
+
+
+def test_openai_app_through_agent_front_fake_api_and_engine(models):
+    """app -> agent front -> (fake vllm serve -> fake engine <-> hub) <-> agent drafts."""
+    import asyncio
+    import socket
+    import threading
+
+    import openai
+    from aiohttp import web
+
+    from vllm_tslt.agent.service import Agent
+
+    drafter, target = models
+    hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
+                   vocab_size=drafter.vocab_size, vocab_fingerprint=drafter.fingerprint(),
+                   model_name="tiny-target", max_gamma=4).start()
+    engine = FakeEngine(hub, target)
+    seen: list[dict] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        prompt = drafter.tokenizer(body["prompt"])["input_ids"]
+        out = await asyncio.get_running_loop().run_in_executor(
+            None, engine.generate, f"req{len(seen)}", body["vllm_xargs"]["tslt_session"],
+            prompt, body["max_tokens"])
+        return web.json_response({"id": "x", "object": "text_completion", "created": 0,
+                                  "model": body["model"], "choices": [{
+                                      "index": 0, "text": drafter.tokenizer.decode(out),
+                                      "finish_reason": "length"}]})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api_port = s.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+
+    async def serve() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", api_port).start()
+
+    asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    cfg = AgentConfig(draft_model="unused", edge=hub.endpoint, api=f"http://127.0.0.1:{api_port}",
+                      listen="127.0.0.1:0", num_draft_tokens="auto")
+    agent = Agent(cfg, drafter)
+    try:
+        agent.start()
+        assert agent.wait_session(10)
+        client = openai.OpenAI(base_url=agent.front.url + "/v1", api_key="x", max_retries=0,
+                               timeout=30)
+        text = client.completions.create(model="tiny-target", prompt=PROMPTS[0], max_tokens=32)
+        prompt = drafter.tokenizer(PROMPTS[0])["input_ids"]
+        assert text.choices[0].text == drafter.tokenizer.decode(greedy_reference(target, prompt, 32))
+        assert seen[0]["vllm_xargs"]["tslt_session"] == agent.session_id
+        assert engine.drafted_steps > 0 and engine.accepted > 0
+        assert agent.stats()["drafts_sent"] > 0
+    finally:
+        agent.stop()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        hub.close()

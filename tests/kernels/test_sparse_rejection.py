@@ -29,13 +29,18 @@ needs_triton = pytest.mark.skipif(not _ok, reason=_why or "triton runnable")
 BLOCK = 64 if DEVICE == "cpu" else 1024
 
 
-def _all_three(case: dict, **extra) -> torch.Tensor:
+# Every exactness test runs on the vectorised torch path and, where Triton can run, the kernel.
+IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def _check(case: dict, impl: str = "torch", **extra) -> torch.Tensor:
+    """The reference's output, after asserting the torch path (and the kernel) equal it."""
     args, kwargs = sampler_args(case)
     kwargs.update(extra)
     ref = K.sparse_rejection_sample_ref(*args, **kwargs)
     vec = K.sparse_rejection_sample_torch(*args, **kwargs)
     assert torch.equal(vec, ref), f"vectorised torch != reference\n{vec}\n{ref}"
-    if _ok:
+    if impl == "triton":
         tri = K.sparse_rejection_sample(*args, block_size=BLOCK, **kwargs)
         assert torch.equal(tri, ref), f"triton != reference\n{tri}\n{ref}"
     return ref
@@ -67,40 +72,42 @@ def _outcomes(case: dict, out: torch.Tensor) -> set[str]:
     return seen
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", range(len(DRAFT_LAYOUTS)))
 @pytest.mark.parametrize("num_candidates,k", [(1, 5), (2, 7), (3, 13)])
-def test_fused_matches_reference(layout, num_candidates, k):
+def test_fused_matches_reference(layout, num_candidates, k, impl):
     for seed in range(3):
         case = make_case(100 * layout + seed, DRAFT_LAYOUTS[layout], 203, k, num_candidates,
                          device=DEVICE)
-        _all_three(case)
+        _check(case, impl)
 
 
 @pytest.mark.parametrize("num_candidates", [1, 3])
 def test_cases_reach_every_branch(num_candidates):
     """The exactness tests above are only as good as the branches their inputs reach."""
     case = make_case(77, DRAFT_LAYOUTS[0] * 4, 203, 7, num_candidates, device=DEVICE)
-    seen = _outcomes(case, _all_three(case))
+    seen = _outcomes(case, _check(case))
     expected = {"all_accepted", "greedy_all_accepted", "recovered", "greedy_mismatch"}
     if num_candidates > 1:
         expected.add("alternative_accepted")
     assert expected <= seen, f"branches not reached: {expected - seen}"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_candidates", [1, 3])
-def test_fused_fp64_noise_and_given_argmax(num_candidates):
+def test_fused_fp64_noise_and_given_argmax(num_candidates, impl):
     # vLLM's use_fp64_gumbel path (inv_q in float64) and a caller-supplied target_argmax
     case = make_case(7, [2, 5, 0, 3, 4], 190, 6, num_candidates, fp64_noise=True,
                      greedy_frac=0.5, device=DEVICE)
-    _all_three(case)
-    _all_three(case, target_argmax=case["target_probs"].argmax(dim=-1))
+    _check(case, impl)
+    _check(case, impl, target_argmax=case["target_probs"].argmax(dim=-1))
 
 
 def test_absent_alternatives_reduce_to_single_candidate():
     case = make_case(11, DRAFT_LAYOUTS[0], 203, 7, 3, device=DEVICE)
     single = dict(case, alt_token_ids=None, uniform_probs=case["uniform_probs"][:, 0].contiguous())
     none_left = dict(case, alt_token_ids=torch.full_like(case["alt_token_ids"], -1))
-    assert torch.equal(_all_three(none_left), _all_three(single))
+    assert torch.equal(_check(none_left), _check(single))
 
 
 def test_alternatives_change_some_outputs():
@@ -108,15 +115,16 @@ def test_alternatives_change_some_outputs():
     # acceptances), otherwise alternatives are silently ignored
     case = make_case(12, DRAFT_LAYOUTS[3] * 3, 203, 7, 3, greedy_frac=0.0, device=DEVICE)
     single = dict(case, alt_token_ids=None, uniform_probs=case["uniform_probs"][:, 0].contiguous())
-    multi_out, single_out = _all_three(case), _all_three(single)
+    multi_out, single_out = _check(case), _check(single)
     assert not torch.equal(multi_out, single_out)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", range(len(DRAFT_LAYOUTS)))
-def test_dense_equivalence_single_candidate(layout):
-    """scatter -> vLLM's dense sampler (torch transcription) == fused sparse sampler, m = 1."""
+def test_dense_equivalence_single_candidate(layout, impl):
+    """scatter -> vLLM's dense sampler (transcribed) == fused sparse sampler, m = 1."""
     case = make_case(500 + layout, DRAFT_LAYOUTS[layout], 211, 5, 1, device=DEVICE)
-    if _ok:
+    if impl == "triton":
         dense_q = K.scatter_sparse_q_counts(case["sparse_indices"], case["sparse_counts"],
                                             case["quant_bits"], 211, block_size=BLOCK)
     else:
@@ -124,8 +132,8 @@ def test_dense_equivalence_single_candidate(layout):
     dense = K.dense_rejection_sample_ref(*dense_args(case, dense_q))
     assert torch.equal(dense, K.dense_rejection_sample_ref(*dense_args(case, dense_q),
                                                            recover_all_rows=True))
-    assert torch.equal(_all_three(case), dense)
-    if _ok:
+    assert torch.equal(_check(case, impl), dense)
+    if impl == "triton":
         assert torch.equal(K.dense_rejection_sample_triton(*dense_args(case, dense_q)), dense)
 
 
@@ -349,3 +357,22 @@ def test_kernels_compile_for_hopper():
     if skipped:
         pytest.skip(f"offline Hopper build unavailable: {skipped}")
     assert sorted(results) == sorted(_HOPPER_BUILDS)
+
+
+def test_auto_dispatch_matches_both_paths(caplog):
+    case = make_case(21, DRAFT_LAYOUTS[0], 203, 7, 2, device="cpu")
+    args, kwargs = sampler_args(case)
+    expected = K.sparse_rejection_sample_ref(*args, **kwargs)
+    K.dispatch._logged.clear()
+    with caplog.at_level("INFO", logger=K.dispatch.logger.name):
+        assert torch.equal(K.auto_sparse_rejection_sample(*args, **kwargs), expected)
+        assert torch.equal(K.auto_sparse_rejection_sample(*args, **kwargs), expected)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "torch path on cpu" in messages[0], messages
+
+
+@needs_triton
+def test_auto_dispatch_forced_triton():
+    args, kwargs = sampler_args(make_case(21, DRAFT_LAYOUTS[0], 203, 7, 2, device=DEVICE))
+    got = K.auto_sparse_rejection_sample(*args, backend="triton", block_size=BLOCK, **kwargs)
+    assert torch.equal(got, K.sparse_rejection_sample_ref(*args, **kwargs))

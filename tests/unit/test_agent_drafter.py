@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vllm_tslt.agent.drafter import CommitMismatch, Drafter, request_sparsify_config
 from vllm_tslt.core.sparsify import PAD_ID, SparsifyConfig

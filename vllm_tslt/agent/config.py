@@ -30,7 +30,7 @@ def _is_num(x: object) -> bool:
 def parse_host_port(value: str, option: str) -> tuple[str, int]:
     """'HOST:PORT' -> (host, port); raises ValueError naming ``option``."""
     m = _HOSTPORT.match(value or "")
-    if not m or not 0 < int(m["port"]) < 65536:
+    if not m or not 0 <= int(m["port"]) < 65536:  # port 0: any free port
         raise ValueError(f"{option} must be HOST:PORT (e.g. 127.0.0.1:8001), got {value!r}")
     return m["host"].strip("[]"), int(m["port"])
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.02  # socket wait when there is no drafting work
 MAX_REQUESTS = 256  # concurrent requests the device tracks (more are left to the edge alone)
+# The hub keeps a few drafts per request (keyed by committed length) and evicts the smallest key
+# when full, which is the one it needs next: keep at most this many ahead drafts outstanding.
+MAX_AHEAD_OUTSTANDING = 2
 
 
 @dataclass
@@ -67,7 +70,10 @@ class Track:
     sent: SentDraft | None = None  # the draft for the current committed sequence
     ahead: SentDraft | None = None  # a draft sent ahead for the sequence expected next
     last_commit_at: float | None = None
-    plain: bool = True  # no draft of ours was in flight for the step that produced the last commit
+    keys_at_edge: set[int] = field(default_factory=set)  # committed lengths of drafts sent
+
+    def ahead_outstanding(self) -> int:
+        return sum(k > self.state.committed_len for k in self.keys_at_edge)
 
     def limit(self, want: int) -> int:
         """Chain length to aim for, capped by max_len."""
@@ -202,9 +208,10 @@ class DraftRuntime:
         now = time.monotonic()
         self.counters["commits"] += 1
         sent, state = track.sent, track.state
-        if sent is not None and sent.committed_len == state.committed_len:
+        used = sent is not None and sent.committed_len == state.committed_len and \
             self._observe_round(sent, msg.new_tokens, now)
-        elif track.plain and track.last_commit_at is not None and len(msg.new_tokens) == 1:
+        if not used and track.last_commit_at is not None and len(msg.new_tokens) == 1:
+            # The edge decoded this step alone: the target-only step time we compare against.
             self.gamma_ctl.observe_target_step(now - track.last_commit_at)
         try:
             matched = self.drafter.commit(state, msg.committed_len, msg.new_tokens)
@@ -214,7 +221,8 @@ class DraftRuntime:
             return
         self.counters["rollbacks"] += int(matched < 0)
         ahead = track.ahead
-        track.sent, track.ahead, track.last_commit_at, track.plain = None, None, now, True
+        track.sent, track.ahead, track.last_commit_at = None, None, now
+        track.keys_at_edge = {k for k in track.keys_at_edge if k >= state.committed_len}
         track.gamma = self._choose_gamma(track)
         if sent is not None and self.config.proactive and track.gamma:
             hit = matched >= 0 and state.chain_len >= track.gamma
@@ -225,12 +233,13 @@ class DraftRuntime:
         if ahead is not None and matched >= 0 and ahead.committed_len == state.committed_len:
             # The edge holds this draft already (sent ahead); its round starts now.
             track.sent = SentDraft(ahead.committed_len, ahead.tokens, now, ahead.num_bytes)
-            track.gamma, track.plain = len(ahead.tokens), False
+            track.gamma = len(ahead.tokens)
             self.counters["ahead_hits"] += 1
         elif track.gamma and state.chain_len >= track.gamma:
             self._send(track)  # proactive hit: the next draft leaves at once
 
-    def _observe_round(self, sent: SentDraft, new_tokens: tuple[int, ...], now: float) -> None:
+    def _observe_round(self, sent: SentDraft, new_tokens: tuple[int, ...], now: float) -> bool:
+        """Feed the estimator with a verified round; False if the edge did not use the draft."""
         accepted = 0
         while accepted < min(len(sent.tokens), len(new_tokens)) and \
                 sent.tokens[accepted] == new_tokens[accepted]:
@@ -238,11 +247,12 @@ class DraftRuntime:
         if len(new_tokens) == 1 and accepted == 1:
             # The edge emitted our first draft token alone: it decoded without our draft (late).
             self.counters["drafts_unused"] += 1
-            return
+            return False
         self.counters["rounds"] += 1
         self.counters["accepted_tokens"] += accepted
         self.gamma_ctl.observe_round(len(sent.tokens), accepted, sent.num_bytes,
                                      now - sent.sent_at)
+        return True
 
     def _choose_gamma(self, track: Track) -> int:
         gamma = min(self.gamma_ctl.choose(time.monotonic()), track.max_gamma)
@@ -258,10 +268,10 @@ class DraftRuntime:
         state, gamma = track.state, track.gamma
         draft = self.drafter.draft_message(state, gamma)
         num_bytes = self.client.send(draft)
-        track.plain = False
         if num_bytes:
             track.sent = SentDraft(state.committed_len, draft.tokens.tolist(), time.monotonic(),
                                    num_bytes)
+            track.keys_at_edge.add(state.committed_len)
             self.counters["drafts_sent"] += 1
             self.counters["draft_tokens_sent"] += gamma
         else:
@@ -295,13 +305,15 @@ class DraftRuntime:
         """Send chain[γ + 1 : 2γ + 1] for the sequence committed + chain[:γ + 1], once drafted."""
         offset = len(track.sent.tokens) + 1  # type: ignore[union-attr]
         gamma = min(track.gamma, track.limit(1 << 30) - offset)
-        if gamma < 1 or track.state.chain_len < offset + gamma:
+        if gamma < 1 or track.state.chain_len < offset + gamma or \
+                track.ahead_outstanding() >= MAX_AHEAD_OUTSTANDING:
             return
         draft = self.drafter.draft_message(track.state, gamma, offset)
         num_bytes = self.client.send(draft)
         if num_bytes:
             track.ahead = SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(),
                                     num_bytes)
+            track.keys_at_edge.add(draft.committed_len)
             self.counters["ahead_sent"] += 1
 
     def stats(self) -> dict[str, Any]:

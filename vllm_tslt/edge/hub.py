@@ -334,8 +334,8 @@ class DraftHub:
                 return
             req.drafts[draft.committed_len] = draft
             session.missed = 0
-            while len(req.drafts) > MAX_DRAFTS_PER_REQUEST:
-                req.drafts.pop(min(req.drafts))
+            while len(req.drafts) > MAX_DRAFTS_PER_REQUEST:  # never evict the current prefix's
+                req.drafts.pop(max(n for n in req.drafts if n != req.hasher.length))
             self._cond.notify_all()
 
     def _on_handshake(self, router: zmq.Socket, identity: bytes, hello: Handshake) -> None:

@@ -1,0 +1,224 @@
+"""End to end: a real `vllm serve --speculative-config '{"method": "tslt", ...}'` on the tiny pair,
+scripted devices over ZeroMQ, and the official `openai` client. One server serves every test here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from .scripted_device import ScriptedDevice
+from .server import free_port, metrics, vllm_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+DEADLINE_MS = 3000  # generous: the scripted device recomputes every draft from scratch
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_pair, tmp_path_factory):
+    hub_port = free_port()
+    spec = {"method": "tslt", "num_speculative_tokens": 4, "bind": f"tcp://127.0.0.1:{hub_port}",
+            "draft_deadline_ms": DEADLINE_MS}
+    log = tmp_path_factory.mktemp("edge") / "vllm.log"
+    with vllm_server(tiny_pair.target, log, spec) as url:
+        yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
+
+
+@pytest.fixture(scope="module")
+def client(edge):
+    from openai import OpenAI
+
+    return OpenAI(base_url=edge["url"] + "/v1", api_key="unused", timeout=300)
+
+
+@pytest.fixture()
+def device(edge, tiny_pair):
+    dev = ScriptedDevice(edge["hub"], tiny_pair.draft)
+    assert dev.handshake().session_id
+    dev.start()
+    yield dev
+    dev.stop()
+
+
+def _session(dev) -> dict:
+    return {"vllm_xargs": {"tslt_session": dev.session_id}}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair.target))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32)
+    return tok, model.eval()
+
+
+def _greedy(reference, prompt: str, n: int) -> str:
+    tok, model = reference
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+PROMPTS = ["def read_config(path):\n", "import os\n\n\nclass ", "    for key, value in "]
+
+
+def test_greedy_with_remote_drafts_equals_target_greedy(edge, client, device, reference):
+    before = metrics(edge["url"])
+    model = client.models.list().data[0].id
+    for prompt in PROMPTS:
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
+                                        extra_body=_session(device))
+        assert out.choices[0].text == _greedy(reference, prompt, 24), prompt
+    after = metrics(edge["url"])
+    verified = after["vllm_tslt_draft_tokens_verified_total"] - before.get(
+        "vllm_tslt_draft_tokens_verified_total", 0)
+    assert verified > 0, "no remote draft was verified: the test did not exercise speculation"
+    accepted = [v for k, v in after.items() if k.startswith("vllm:spec_decode_num_accepted_tokens_total")]
+    assert accepted and accepted[0] > 0
+
+
+def test_completions_chat_streaming_n_and_stop(client, device):
+    model = client.models.list().data[0].id
+    extra = _session(device)
+    out = client.completions.create(model=model, prompt="import ", max_tokens=12, temperature=1.0,
+                                    n=3, seed=5, extra_body=extra)
+    assert len(out.choices) == 3 and all(c.text for c in out.choices)
+    chunks = list(client.completions.create(model=model, prompt="def f(", max_tokens=12,
+                                            temperature=0.8, stream=True, extra_body=extra))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    chat = client.chat.completions.create(model=model, max_tokens=12, temperature=1.0,
+                                          messages=[{"role": "user", "content": "hello"}],
+                                          extra_body=extra)
+    assert chat.choices[0].message.content
+    stream = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
+                                            messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, extra_body=extra)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    stopped = client.completions.create(model=model, prompt="def main():\n", max_tokens=40,
+                                        temperature=0, stop=["\n"], extra_body=extra)
+    assert "\n" not in stopped.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_request_without_session_and_seeded_reproducibility(client):
+    model = client.models.list().data[0].id
+    a, b = (client.completions.create(model=model, prompt="class ", max_tokens=16,
+                                      temperature=1.0, seed=1234) for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text and a.choices[0].text
+
+
+def _continuation_cells(reference, prompt: str, length: int, floor: float = 2e-3):
+    """Exact target probabilities of every `length`-token continuation with p >= floor."""
+    tok, model = reference
+    base = tok(prompt).input_ids
+    cells: dict[tuple[int, ...], float] = {}
+    frontier = [((), 1.0)]
+    with torch.no_grad():
+        for _ in range(length):
+            nxt = []
+            for seq, p in frontier:
+                logits = model(input_ids=torch.tensor([base + list(seq)])).logits[0, -1]
+                probs = torch.softmax(logits.double(), -1)
+                for t in torch.nonzero(probs * p >= floor).flatten().tolist():
+                    nxt.append(((*seq, t), p * float(probs[t])))
+            frontier = nxt
+    for seq, p in frontier:
+        cells[seq] = p
+    return cells
+
+
+def _chi_square_p(samples: list[tuple[int, ...]], cells: dict[tuple[int, ...], float]) -> float:
+    n = len(samples)
+    keys = [k for k, p in cells.items() if p * n >= 5]
+    observed = [sum(s == k for s in samples) for k in keys]
+    expected = [cells[k] * n for k in keys]
+    observed.append(n - sum(observed))
+    expected.append(n - sum(expected))
+    return float(chisquare(observed, expected).pvalue)
+
+
+def _sample_continuations(client, dev, prompt: str, length: int, total: int):
+    # NOTE: no seed: with n > 1 one seed would correlate the n samples of a request.
+    model = client.models.list().data[0].id
+    samples = []
+    for i in range(total // 50):
+        out = client.completions.create(
+            model=model, prompt=prompt, max_tokens=length, n=50, temperature=1.0,
+            extra_body={**_session(dev), "return_token_ids": True})
+        samples.extend(tuple(choice.token_ids) for choice in out.choices)
+    return samples
+
+
+def test_temperature_one_samples_follow_the_target(edge, client, device, reference, tiny_pair):
+    """Chi-square of 3-token continuations against transformers' exact target probabilities.
+
+    Bound: p-value > 1e-3 for the honest device; the same test must reject (p < 1e-3) a lying
+    device that drafts argmax tokens while claiming a uniform q̃ (negative control).
+    """
+    prompt = "    def "
+    cells = _continuation_cells(reference, prompt, 3)
+    before = metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"]
+    honest = [s for s in _sample_continuations(client, device, prompt, 3, 300)
+              if len(s) == 3]
+    assert metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] > before
+    p_honest = _chi_square_p(honest, cells)
+
+    liar = ScriptedDevice(edge["hub"], tiny_pair.draft, mode="lying")
+    liar.handshake()
+    liar.start()
+    try:
+        lying = [s for s in _sample_continuations(client, liar, prompt, 3, 300)
+                 if len(s) == 3]
+    finally:
+        liar.stop()
+    p_lying = _chi_square_p(lying, cells)
+    assert len(honest) > 250 and len(lying) > 250
+    assert p_honest > 1e-3, f"honest device: p={p_honest:.2e}"
+    assert p_lying < 1e-3, f"negative control not rejected: p={p_lying:.2e}"
+
+
+def test_device_disconnecting_mid_generation(edge, client, tiny_pair, reference):
+    dev = ScriptedDevice(edge["hub"], tiny_pair.draft).start_after_handshake()
+    model = client.models.list().data[0].id
+    prompt = "def read_config(path):\n"
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0,
+                                       stream=True, extra_body=_session(dev))
+    text = []
+    for i, chunk in enumerate(stream):
+        if i == 3:
+            dev.stop()  # vanishes without a goodbye
+        text.extend(c.text for c in chunk.choices)
+    assert "".join(text) == _greedy(reference, prompt, 40)
+
+
+def test_garbage_device_does_not_hurt_others(edge, client, tiny_pair, device, reference):
+    bad = ScriptedDevice(edge["hub"], tiny_pair.draft, mode="garbage").start_after_handshake()
+    try:
+        model = client.models.list().data[0].id
+        t0 = time.monotonic()
+        junk = client.completions.create(model=model, prompt="import ", max_tokens=8,
+                                          temperature=0, extra_body=_session(bad))
+        good = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=16,
+                                          temperature=0, extra_body=_session(device))
+        assert junk.choices[0].text == _greedy(reference, "import ", 8)
+        assert good.choices[0].text == _greedy(reference, PROMPTS[0], 16)
+        assert time.monotonic() - t0 < 120
+        dropped = {k: v for k, v in metrics(edge["url"]).items() if "drafts_dropped" in k}
+        assert any("invalid_" in k and v > 0 for k, v in dropped.items()), dropped
+    finally:
+        bad.stop()
+
+
+def test_vocabulary_mismatch_is_refused(edge, tiny_pair):
+    dev = ScriptedDevice(edge["hub"], tiny_pair.draft, fingerprint="0" * 32)
+    try:
+        reply = dev.handshake()
+        assert getattr(reply, "code", "") == "vocab_mismatch"
+    finally:
+        dev.sock.close(linger=0)
+    log = edge["log"].read_text()
+    assert "refused device handshake (vocab_mismatch)" in log
