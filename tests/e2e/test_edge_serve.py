@@ -145,7 +145,7 @@ def _sample_continuations(client, dev, prompt: str, length: int, total: int):
     # NOTE: no seed: with n > 1 one seed would correlate the n samples of a request.
     model = client.models.list().data[0].id
     samples = []
-    for i in range(total // 50):
+    for _ in range(total // 50):
         out = client.completions.create(
             model=model, prompt=prompt, max_tokens=length, n=50, temperature=1.0,
             extra_body={**_session(dev), "return_token_ids": True})
