@@ -31,14 +31,14 @@ from vllm_tslt.protocol import (
 
 class ScriptedDevice:
     def __init__(self, endpoint: str, draft_dir, gamma: int = 4, top_k: int = 16,
-                 mode: str = "draft", fingerprint: str | None = None) -> None:
+                 mode: str = "draft", fingerprint: str | None = None, candidates: int = 1) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(draft_dir))
         self.model = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32).eval()
         self.vocab_size = self.model.config.vocab_size
         self.fingerprint = fingerprint or vocab_fingerprint(tok.get_vocab())
-        self.gamma, self.top_k, self.mode = gamma, top_k, mode
+        self.gamma, self.top_k, self.mode, self.candidates = gamma, top_k, mode, candidates
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
@@ -105,20 +105,23 @@ class ScriptedDevice:
             temperature = float(self.params[request_id].get("temperature", 1.0))
             cfg = SparsifyConfig(temperature=temperature, top_k=self.top_k, quant_bits=12)
             ids = list(seq)
-            tokens, rows = [], []
+            tokens, rows, alts = [], [], []
             # Fresh randomness per draft: the draft token must be a sample from q̃ (a fixed seed per
             # position would make it a fixed token across requests, which biases the output).
             gen = torch.Generator().manual_seed(random.getrandbits(62))
             for _ in range(self.gamma):
                 logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1:]
-                tok, q = sparsify_then_sample(logits, cfg, gen)
-                tokens.append(int(tok[0]))
+                uniforms = torch.rand(1, self.candidates, dtype=torch.float64, generator=gen)
+                tok, q = sparsify_then_sample(logits, cfg, uniforms)  # [1, m]: spine first
+                tokens.append(int(tok[0, 0]))
+                alts.append(tok[0, 1:])
                 rows.append(q)
-                ids.append(int(tok[0]))
+                ids.append(int(tok[0, 0]))
             from vllm_tslt.core.sparsify import SparseQ
 
             draft = Draft(request_id, len(seq), prefix_hash(seq), torch.tensor(tokens),
-                          SparseQ.concat(rows))
+                          SparseQ.concat(rows),
+                          torch.stack(alts) if self.candidates > 1 else None)
             data = encode(draft)
         self.sock.send(data)
         self.drafts_sent += 1

@@ -20,6 +20,7 @@ from vllm_tslt.protocol import Draft, vocab_fingerprint
 from .config import TsltConfig
 from .hub import DraftHub
 from .stats import StatsWriter
+from .verify import SparseDraftProbs
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +127,27 @@ class TsltProposer:
             self._committed[rid] = length
         return True
 
-    def draft_probs(self, req_ids: list[str], metadata: Any, device: torch.device) -> torch.Tensor:
-        """Dense q̃ [num_draft_tokens, vocab_size] float32 for the drafts vLLM scheduled this step.
+    def draft_probs(self, req_ids: list[str], metadata: Any,
+                    device: torch.device) -> torch.Tensor | SparseDraftProbs:
+        """q̃ for the drafts vLLM scheduled this step, in its flattened token order.
 
+        "scatter": dense [num_draft_tokens, vocab_size] float32 for vLLM's rejection sampler;
+        "fused": a SparseDraftProbs for vllm_tslt's sparse sampler (alternatives included).
         A row whose scheduled tokens are not a prefix of the draft we handed out (or whose draft is
         gone) is one-hot at the scheduled token: always lossless (DESIGN.md rule 7).
         """
-        return self._gather(req_ids, metadata).dense(self.vocab_size).to(device)
+        q, alternatives = self._gather(req_ids, metadata)
+        if self.config.verifier == "fused":
+            return SparseDraftProbs(q.indices, q.probs(), alternatives)
+        from vllm_tslt.kernels.dispatch import auto_scatter_sparse_q
 
-    def _gather(self, req_ids: list[str], metadata: Any) -> SparseQ:
+        return auto_scatter_sparse_q(q.indices.to(device), q.counts.to(device), self.vocab_size,
+                                     quant_bits=q.quant_bits)
+
+    def _gather(self, req_ids: list[str], metadata: Any) -> tuple[SparseQ, torch.Tensor | None]:
         scheduled = metadata.draft_token_ids.to("cpu", torch.int64)  # [num_draft_tokens]
         parts: list[SparseQ] = []
+        alts: list[torch.Tensor] = []  # [n, m - 1] per request
         offset = 0
         for rid, n in zip(req_ids, metadata.num_draft_tokens):
             if n == 0:
@@ -146,11 +157,23 @@ class TsltProposer:
             draft = self._pending.pop(rid, None)
             if draft is not None and draft.gamma >= n and torch.equal(draft.tokens[:n], tokens):
                 parts.append(draft.q.rows(0, n))
+                alts.append(draft.alternatives[:n] if draft.alternatives is not None
+                            else torch.empty(n, 0, dtype=torch.int64))
                 self.hub.count("draft_tokens_verified", n)
             else:
                 parts.append(SparseQ.one_hot(tokens, quant_bits=1))
+                alts.append(torch.empty(n, 0, dtype=torch.int64))
                 self.hub.count("draft_rows_one_hot", n)
-        return SparseQ.concat(parts)
+        return SparseQ.concat(parts), _pad_alternatives(alts)
+
+
+def _pad_alternatives(alts: list[torch.Tensor]) -> torch.Tensor | None:
+    """[num_tokens, max(m) - 1] int32, -1 where a row has fewer alternatives; None if none."""
+    width = max((a.shape[1] for a in alts), default=0)
+    if width == 0:
+        return None
+    return torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1]), value=-1)
+                      for a in alts]).to(torch.int32)
 
 
 def _tokenizer_fingerprint(model_config: Any) -> str:

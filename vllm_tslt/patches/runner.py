@@ -57,3 +57,29 @@ def apply() -> bool:
             patch.apply()
             applied = True
     return applied
+
+
+# --- the fused verifier: vLLM's module-level rejection_sample, looked up at call time ---------
+
+
+def _wrap_rejection_sample(original):
+    @functools.wraps(original)
+    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                         draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                         *args, **kwargs):
+        from vllm_tslt.edge.verify import SparseDraftProbs, fused_rejection_sample
+
+        if isinstance(draft_probs, SparseDraftProbs):
+            return fused_rejection_sample(
+                draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                use_fp64_gumbel=kwargs.get("use_fp64_gumbel", False))
+        return original(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                        draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                        *args, **kwargs)
+
+    return rejection_sample
+
+
+PATCHES = (*PATCHES, Patch("vllm.v1.sample.rejection_sampler", "rejection_sample", "0.32.0",
+                           _wrap_rejection_sample))
