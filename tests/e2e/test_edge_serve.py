@@ -222,3 +222,26 @@ def test_vocabulary_mismatch_is_refused(edge, tiny_pair):
         dev.sock.close(linger=0)
     log = edge["log"].read_text()
     assert "refused device handshake (vocab_mismatch)" in log
+
+
+def test_real_agent_through_its_openai_front(edge, tiny_pair, reference):
+    """The device agent (vllm-tslt agent) + vllm serve: the app talks to the agent only."""
+    from openai import OpenAI
+
+    from vllm_tslt.agent import Agent, AgentConfig
+
+    config = AgentConfig(draft_model=str(tiny_pair.draft), edge=edge["hub"], api=edge["url"],
+                         listen="127.0.0.1:0", num_draft_tokens=4, top_k=16)
+    with Agent(config) as agent:
+        assert agent.wait_session(60)
+        app = OpenAI(base_url=agent.front.url + "/v1", api_key="unused", timeout=300)
+        model = app.models.list().data[0].id
+        for prompt in PROMPTS:
+            out = app.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0)
+            assert out.choices[0].text == _greedy(reference, prompt, 24), prompt
+        stream = app.chat.completions.create(model=model, max_tokens=16, temperature=1.0,
+                                             messages=[{"role": "user", "content": "hi"}],
+                                             stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        stats = agent.stats()
+    assert stats["draft_tokens_sent"] > 0 and stats["accepted_tokens"] > 0, stats

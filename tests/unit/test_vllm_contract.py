@@ -71,3 +71,85 @@ def test_plugins_load_before_kernel_overrides_in_workers():
     plugins_at = src.index("load_general_plugins()")
     overrides_at = src.index("register_triton_kernel_overrides()")
     assert plugins_at < overrides_at
+
+
+# --- patches/spec_config.py ------------------------------------------------------------------
+
+
+def test_create_speculative_config_contract():
+    from vllm.config import SpeculativeConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    params = list(inspect.signature(EngineArgs.create_speculative_config).parameters)
+    assert params == ["self", "target_model_config", "target_parallel_config"]
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert {"speculative_config", "additional_config"} <= names
+    assert "custom_class" in str(SpeculativeConfig.__dataclass_fields__["method"].type)
+
+
+# --- patches/runner.py and edge/proposer.py -----------------------------------------------------
+
+
+def test_model_runner_hooks_contract():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    propose = inspect.signature(GPUModelRunner.propose_draft_token_ids).parameters
+    assert list(propose)[:3] == ["self", "scheduler_output", "sampled_token_ids"]
+    probs = inspect.signature(GPUModelRunner._get_spec_decode_draft_probs).parameters
+    assert list(probs) == ["self", "spec_decode_metadata"]
+    # the CPU runner inherits both (our wrappers sit on GPUModelRunner)
+    for name in ("propose_draft_token_ids", "_get_spec_decode_draft_probs"):
+        assert name not in CPUModelRunner.__dict__
+    src = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
+    assert 'spec_config.method == "custom_class"' in src
+    assert "self.input_batch.num_tokens_no_spec" in src and "self.input_batch.token_ids_cpu" in src
+    assert "_get_spec_decode_draft_probs(spec_decode_metadata)" in inspect.getsource(
+        GPUModelRunner._sample)
+
+
+def test_runner_state_the_proxy_reads():
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    assert {"prompt_token_ids", "sampling_params", "output_token_ids"} <= set(
+        CachedRequestState.__dataclass_fields__)
+    assert "finished_req_ids" in SchedulerOutput.__dataclass_fields__
+    assert {"draft_token_ids", "num_draft_tokens"} <= set(SpecDecodeMetadata.__dataclass_fields__)
+
+
+def test_custom_proposer_factory_contract():
+    from vllm.v1.spec_decode import custom_class_proposer
+
+    src = inspect.getsource(custom_class_proposer.create_custom_proposer)
+    assert "user_class(vllm_config)" in src and "spec_config.model" in src
+
+
+# --- edge/verify.py (the fused verifier) -------------------------------------------------------
+
+
+def test_rejection_sample_contract():
+    from vllm.v1.sample import rejection_sampler as rs
+
+    params = list(inspect.signature(rs.rejection_sample).parameters)
+    assert params[:8] == ["draft_token_ids", "num_draft_tokens", "max_spec_len",
+                          "cu_num_draft_tokens", "draft_probs", "target_logits",
+                          "bonus_token_ids", "sampling_metadata"]
+    assert "use_fp64_gumbel" in params
+    assert list(inspect.signature(rs.generate_uniform_probs).parameters) == [
+        "num_tokens", "num_draft_tokens", "generators", "device"]
+    assert rs.GREEDY_TEMPERATURE == 0 and rs.PLACEHOLDER_TOKEN_ID == -1
+    # RejectionSampler.forward looks rejection_sample up at call time (module global)
+    assert "rejection_sample(" in inspect.getsource(rs.RejectionSampler.forward)
+    src = inspect.getsource(rs.sample_recovered_tokens)
+    assert "q.exponential_()" in src and "q[i].exponential_(generator=generator)" in src
+
+
+# --- serve.py -----------------------------------------------------------------------------------
+
+
+def test_cli_main_asks_metadata_for_vllm():
+    from vllm.entrypoints.cli import main as cli_main
+
+    assert 'importlib.metadata.version("vllm")' in inspect.getsource(cli_main.main)

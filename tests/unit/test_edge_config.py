@@ -1,0 +1,69 @@
+"""`--speculative-config` with method tslt: JSON, dotted and YAML forms, validation, rewriting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_tslt.edge.config import TsltConfig, TsltConfigError
+from vllm_tslt.patches.spec_config import PROPOSER_CLASS, rewrite_tslt_options
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve_parser():
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm")
+    subparsers = parser.add_subparsers(dest="subparser")
+    ServeSubcommand().subparser_init(subparsers)
+    return parser
+
+
+def test_json_dotted_and_yaml_forms_parse_to_the_same_options():
+    parser = _serve_parser()
+    json_form = parser.parse_args(["serve", "m", "--speculative-config",
+                                   '{"method": "tslt", "num_speculative_tokens": 4, '
+                                   '"bind": "tcp://0.0.0.0:5557", "draft_deadline_ms": 50}'])
+    dotted = parser.parse_args(["serve", "m", "--speculative-config.method", "tslt",
+                                "--speculative-config.num_speculative_tokens", "4",
+                                "--speculative-config.bind", "tcp://0.0.0.0:5557",
+                                "--speculative-config.draft_deadline_ms", "50"])
+    for args in (json_form, dotted):
+        spec, additional = rewrite_tslt_options(dict(args.speculative_config), {})
+        assert spec == {"method": "custom_class", "model": PROPOSER_CLASS,
+                        "num_speculative_tokens": 4}
+        assert additional["tslt"] == TsltConfig(bind="tcp://0.0.0.0:5557").to_dict()
+    yaml_form = parser.parse_args(["serve", "m", "--config", str(ROOT / "configs/edge.yaml")])
+    spec, additional = rewrite_tslt_options(dict(yaml_form.speculative_config), {})
+    assert spec["num_speculative_tokens"] == 4 and additional["tslt"]["verifier"] == "scatter"
+
+
+@pytest.mark.parametrize(("options", "names"), [
+    ({"draft_deadline_ms": -1}, "speculative_config.draft_deadline_ms"),
+    ({"verifier": "magic"}, "speculative_config.verifier"),
+    ({"bind": "localhost:5"}, "speculative_config.bind"),
+    ({"max_k": 0}, "speculative_config.max_k"),
+    ({"max_candidates": "x"}, "speculative_config.max_candidates"),
+    ({"deadline": 5}, "unknown speculative_config option(s) for method 'tslt': ['deadline']"),
+])
+def test_errors_name_the_option(options, names):
+    with pytest.raises(TsltConfigError, match=names.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        TsltConfig.from_dict(options)
+
+
+def test_rewrite_requires_gamma_and_refuses_a_draft_model():
+    with pytest.raises(TsltConfigError, match="num_speculative_tokens"):
+        rewrite_tslt_options({"method": "tslt"}, {})
+    with pytest.raises(TsltConfigError, match="speculative_config.model"):
+        rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2, "model": "x"}, {})
+
+
+def test_rewrite_keeps_other_additional_config():
+    _, additional = rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2},
+                                         {"other_plugin": {"a": 1}})
+    assert additional["other_plugin"] == {"a": 1} and "tslt" in additional
