@@ -195,6 +195,10 @@ def _report(stats: dict, device: dict, edge: dict, elapsed: float) -> None:
           f"{dsd_bytes_per_draft_token(vocab, 'fp32'):,.0f} B  (V = {vocab})")
     dropped = {k.split('reason="')[1].rstrip('"}'): int(v) for k, v in edge.items()
                if k.startswith("vllm_tslt_drafts_dropped_total{") and v}
+    steps = max(edge.get("vllm_tslt_proxy_steps_total", 0.0), 1.0)
+    print(f"  edge proxy per step: {edge.get('vllm_tslt_proxy_overhead_microseconds_total', 0) / steps:.0f}"
+          f" us of work, {edge.get('vllm_tslt_draft_wait_microseconds_total', 0) / steps / 1000:.1f}"
+          f" ms waiting for drafts on average")
     print(f"  drafts used by the edge: {edge.get('vllm_tslt_drafts_used_total', 0):.0f}, "
           f"steps without a usable draft: {dropped or 0}; "
           f"wall time for the 5 requests: {elapsed:.1f} s")

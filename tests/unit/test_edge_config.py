@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,15 +52,14 @@ def test_json_dotted_and_yaml_forms_parse_to_the_same_options():
     ({"deadline": 5}, "unknown speculative_config option(s) for method 'tslt': ['deadline']"),
 ])
 def test_errors_name_the_option(options, names):
-    with pytest.raises(TsltConfigError, match=names.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(TsltConfigError, match=re.escape(names)):
         TsltConfig.from_dict(options)
 
 
 def test_rewrite_requires_gamma_and_refuses_a_draft_model():
     with pytest.raises(TsltConfigError, match="num_speculative_tokens"):
         rewrite_tslt_options({"method": "tslt"}, {})
-    with pytest.raises(TsltConfigError, match="speculative_config.model"):
+    with pytest.raises(TsltConfigError, match=r"speculative_config\.model"):
         rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2, "model": "x"}, {})
 
 
