@@ -227,8 +227,7 @@ def render(results: dict) -> str:
              f"    {results['command']}", "",
              f"γ = {GAMMA} draft tokens per draft message; bytes include all framing (msgpack frame, "
              f"request id `{REQUEST_ID}`, committed length, prefix hash).", ""]
-    pair = results.get("pair")
-    if pair:
+    for pair in results.get("pairs", []):
         lines += _render_pair(pair)
     lines += ["## Payload bytes per draft token (synthetic logits, mean entropy 2 nats)", "",
               "| encoder | " + " | ".join(f"V = {r['vocab_size']}" for r in results["payload"]) + " |",
@@ -277,7 +276,8 @@ def _render_pair(pair: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pair", default="base", help="built-in pair (tiny|base), or 'none' for part B only")
+    ap.add_argument("--pair", nargs="+", default=["base"],
+                    help="built-in pairs (tiny base), or 'none' for part B only")
     ap.add_argument("--max-positions", type=int, default=8192, help="held-out positions for part A")
     ap.add_argument("--out", default="docs/theory.md", help="markdown output; JSON goes next to it")
     args = ap.parse_args(argv)
@@ -285,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # NOTE: tiny per-draft ops; extra threads only add contention
     results: dict = {"command": "python scripts/theory.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     vocabs = [32000, 151936]
-    if args.pair != "none":
-        results["pair"] = measure_pair(args.pair, args.max_positions)
-        vocabs.insert(0, results["pair"]["vocab_size"])
+    pairs = [p for p in args.pair if p != "none"]
+    results["pairs"] = [measure_pair(p, args.max_positions) for p in pairs]
+    for v in sorted({r["vocab_size"] for r in results["pairs"]}, reverse=True):
+        vocabs.insert(0, v)
     results["payload"] = measure_payloads(vocabs)
     results["throughput"] = measure_throughput()
     out = Path(args.out)

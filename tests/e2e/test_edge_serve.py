@@ -156,7 +156,7 @@ def _sample_continuations(client, dev, prompt: str, length: int, total: int):
 def test_temperature_one_samples_follow_the_target(edge, client, device, reference, tiny_pair):
     """Chi-square of 3-token continuations against transformers' exact target probabilities.
 
-    Bound: p-value > 1e-3 for the honest device; the same test must reject (p < 1e-3) a lying
+    Bound: p-value > 1e-4 for the honest device; the same test must reject (p < 1e-4) a lying
     device that drafts argmax tokens while claiming a uniform q̃ (negative control).
     """
     prompt = "    def "
@@ -177,8 +177,8 @@ def test_temperature_one_samples_follow_the_target(edge, client, device, referen
         liar.stop()
     p_lying = _chi_square_p(lying, cells)
     assert len(honest) > 250 and len(lying) > 250
-    assert p_honest > 1e-3, f"honest device: p={p_honest:.2e}"
-    assert p_lying < 1e-3, f"negative control not rejected: p={p_lying:.2e}"
+    assert p_honest > 1e-4, f"honest device: p={p_honest:.2e}"
+    assert p_lying < 1e-4, f"negative control not rejected: p={p_lying:.2e}"
 
 
 def test_device_disconnecting_mid_generation(edge, client, tiny_pair, reference):

@@ -67,3 +67,45 @@ def test_rewrite_keeps_other_additional_config():
     _, additional = rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2},
                                          {"other_plugin": {"a": 1}})
     assert additional["other_plugin"] == {"a": 1} and "tslt" in additional
+
+
+def test_security_options_validate_and_name_the_option(tmp_path):
+    from vllm_tslt.edge.keys_cli import write_keypair
+
+    public, secret = write_keypair(tmp_path, "edge")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for options, name in (
+        ({"max_messages_per_s": 0}, "speculative_config.max_messages_per_s"),
+        ({"curve_secret_key_file": str(tmp_path / "nope")}, "speculative_config.curve_secret_key_file"),
+        ({"curve_secret_key_file": str(public)}, "speculative_config.curve_secret_key_file"),
+        ({"curve_authorized_keys_dir": str(tmp_path)}, "speculative_config.curve_authorized_keys_dir"),
+        ({"curve_secret_key_file": str(secret), "curve_authorized_keys_dir": str(empty)},
+         "speculative_config.curve_authorized_keys_dir"),
+    ):
+        with pytest.raises(TsltConfigError, match=re.escape(name)):
+            TsltConfig.from_dict(options)
+    config = TsltConfig.from_dict({"curve_secret_key_file": str(secret),
+                                   "curve_authorized_keys_dir": str(tmp_path),
+                                   "max_messages_per_s": "500"})
+    assert config.curve and config.max_messages_per_s == 500
+    assert not TsltConfig().curve
+
+
+def test_agent_curve_options_come_in_pairs(tmp_path):
+    from vllm_tslt.agent.config import AgentConfig
+    from vllm_tslt.edge.keys_cli import write_keypair
+
+    edge_public, _ = write_keypair(tmp_path, "edge")
+    _, device_secret = write_keypair(tmp_path, "device")
+    with pytest.raises(ValueError, match="curve_server_key_file is required"):
+        AgentConfig(draft_model="m", curve_secret_key_file=str(device_secret))
+    with pytest.raises(ValueError, match=r"curve_secret_key_file: .* has no secret key"):
+        AgentConfig(draft_model="m", curve_secret_key_file=str(edge_public),
+                    curve_server_key_file=str(edge_public))
+    with pytest.raises(ValueError, match="curve_server_key_file: cannot read"):
+        AgentConfig(draft_model="m", curve_secret_key_file=str(device_secret),
+                    curve_server_key_file=str(tmp_path / "missing.key"))
+    ok = AgentConfig(draft_model="m", curve_secret_key_file=str(device_secret),
+                     curve_server_key_file=str(edge_public))
+    assert ok.curve_server_key_file.endswith("edge.key")

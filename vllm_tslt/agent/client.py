@@ -11,6 +11,10 @@ are outstanding -> close the socket and start again after an exponential backoff
 Single-threaded: the runtime's loop owns the client. ``session_id`` (a str) may be read from any
 thread. Sockets have LINGER 0, bounded high-water marks and IMMEDIATE (nothing is queued for a peer
 that is not connected, so stale drafts never pile up).
+
+CURVE (docs/security.md): with ``curve`` keys the socket authenticates itself with the device's
+secret key and checks the edge's public key; a refused key shows up as a failed ZMTP handshake
+(logged) and then as the usual handshake timeout and backoff.
 """
 
 from __future__ import annotations
@@ -38,6 +42,28 @@ from vllm_tslt.protocol import (
 logger = logging.getLogger(__name__)
 
 FATAL_CODES = ("vocab_mismatch", "bad_version")
+_MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+def load_curve_keys(secret_key_file: str, server_key_file: str) -> tuple[bytes, bytes, bytes]:
+    """(public, secret, server public) z85 keys for a CURVE client; ValueError naming the option."""
+    import zmq.auth
+
+    keys = []
+    for option, path in (("curve_secret_key_file", secret_key_file),
+                         ("curve_server_key_file", server_key_file)):
+        try:
+            keys.append(zmq.auth.load_certificate(path))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{option}: cannot read a CURVE certificate from {path!r}: {e}") from None
+    (public, secret), (server, _) = keys
+    if secret is None or len(secret) != 40 or len(public) != 40:
+        raise ValueError(f"curve_secret_key_file: {secret_key_file!r} has no secret key (give this "
+                         "device's NAME.key_secret written by `vllm-tslt keys`)")
+    if len(server) != 40:
+        raise ValueError(f"curve_server_key_file: {server_key_file!r} holds no valid public key")
+    return public, secret, server
 
 
 class HandshakeRefused(RuntimeError):
@@ -55,7 +81,8 @@ class EdgeClient:
                  handshake_timeout_s: float = 3.0, reconnect_initial_s: float = 0.2,
                  reconnect_max_s: float = 5.0, silence_timeout_s: float = 10.0,
                  send_hwm: int = 256, recv_hwm: int = 1024,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve_secret_key_file: str = "",
+                 curve_server_key_file: str = "") -> None:
         self.endpoint = endpoint
         self.hello = hello
         self.limits = limits
@@ -65,6 +92,8 @@ class EdgeClient:
         self.silence_timeout_s = silence_timeout_s
         self.send_hwm, self.recv_hwm = send_hwm, recv_hwm
         self._ctx = context or zmq.Context.instance()
+        self._curve = (load_curve_keys(curve_secret_key_file, curve_server_key_file)
+                       if curve_secret_key_file or curve_server_key_file else None)
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.state = "disconnected"
@@ -79,7 +108,8 @@ class EdgeClient:
         self._unanswered_since: float | None = None
         self._inbox: deque[Message] = deque()
         self.counters: dict[str, int] = {"handshakes": 0, "reconnects": 0, "decode_errors": 0,
-                                         "send_dropped": 0, "bytes_sent": 0, "messages_sent": 0}
+                                         "send_dropped": 0, "bytes_sent": 0, "messages_sent": 0,
+                                         "auth_failures": 0}
 
     # ------------------------------------------------------------------------------------------
     # Connection state machine
@@ -122,7 +152,9 @@ class EdgeClient:
         sock.setsockopt(zmq.RECONNECT_IVL, int(self.reconnect_initial_s * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.reconnect_max_s * 1000))
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_payload_bytes)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if self._curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self._curve
+        self._monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(self.endpoint)
         self._sock = sock
         self.state = "handshaking"
@@ -138,6 +170,11 @@ class EdgeClient:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                self.counters["auth_failures"] += 1
+                logger.warning("the edge %s refused the secure (CURVE) handshake: is this device's "
+                               "key in its curve_authorized_keys_dir, and curve_server_key_file "
+                               "the edge's key (and both sides CURVE or neither)?", self.endpoint)
         return lost and self.state == "ready"
 
     def _reset(self, now: float, why: str) -> None:
@@ -261,6 +298,9 @@ class EdgeClient:
         if err.code == "unknown_peer":
             self._reset(now, "edge does not know this session (restarted?)")
             self._next_attempt = now  # handshake again at once
+            return
+        if err.code == "session_closed":  # the edge closed us for abuse: back off, then again
+            self._reset(now, f"edge closed the session: {err.message}")
             return
         logger.warning("edge error %s: %s", err.code, err.message)
 

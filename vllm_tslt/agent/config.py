@@ -62,6 +62,10 @@ class AgentConfig:
     silence_timeout_s: float = 10.0  # no message while drafts are outstanding -> handshake again
     send_hwm: int = 256  # bounded ZeroMQ queues (messages)
     recv_hwm: int = 1024
+    # CURVE (both or neither; "" = plain TCP, trusted networks only): this device's NAME.key_secret
+    # and the edge's public NAME.key, written by `vllm-tslt keys`.
+    curve_secret_key_file: str = ""
+    curve_server_key_file: str = ""
     # Adaptive draft length.
     probe_interval_s: float = 2.0  # while speculation is off, try one round this often
     min_speedup: float = 1.05  # speculate only if the model predicts at least this speedup
@@ -106,6 +110,17 @@ class AgentConfig:
         if not isinstance(self.api, str) or not re.match(r"^https?://[^/]+", self.api):
             raise ValueError(f"api (--api) must be http://HOST:PORT, got {self.api!r}")
         parse_host_port(self.listen, "listen (--listen)")
+        secret, server = self.curve_secret_key_file, self.curve_server_key_file
+        if not isinstance(secret, str) or not isinstance(server, str):
+            raise ValueError("curve_secret_key_file and curve_server_key_file must be paths")
+        if bool(secret) != bool(server):
+            missing = "curve_server_key_file" if secret else "curve_secret_key_file"
+            raise ValueError(f"{missing} is required when the other CURVE key file is set "
+                             "(CURVE needs this device's secret key and the edge's public key)")
+        if secret:
+            from vllm_tslt.agent.client import load_curve_keys
+
+            load_curve_keys(secret, server)
 
     def _check_sampling(self) -> None:
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):

@@ -36,6 +36,13 @@ class TsltConfig:
     max_requests_per_session: int = 256
     max_payload_bytes: int = 1 << 20
     max_prompt_len: int = 1 << 20
+    # Per-device message rate (token bucket, burst = one second's worth); excess is dropped.
+    max_messages_per_s: int = 2000
+    # CURVE authentication and encryption of the draft channel ("" = off: plain TCP, for trusted
+    # networks only). The edge's NAME.key_secret certificate (`vllm-tslt keys`).
+    curve_secret_key_file: str = ""
+    # Directory of the device public certificates (*.key) allowed in ("" = any CURVE key).
+    curve_authorized_keys_dir: str = ""
     # Where the hub writes its counters for the API server's /metrics ("" = a temp file per port).
     stats_path: str = ""
 
@@ -48,10 +55,35 @@ class TsltConfig:
             raise _fail("verifier", f"must be one of {VERIFIERS}, got {self.verifier!r}")
         for name, lo, hi in (("max_k", 1, 1 << 16), ("max_candidates", 1, 16),
                              ("max_sessions", 1, 1 << 20), ("max_requests_per_session", 1, 1 << 20),
-                             ("max_payload_bytes", 1024, 1 << 30), ("max_prompt_len", 1, 1 << 24)):
+                             ("max_payload_bytes", 1024, 1 << 30), ("max_prompt_len", 1, 1 << 24),
+                             ("max_messages_per_s", 1, 10_000_000)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise _fail(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+        self._check_curve()
+
+    def _check_curve(self) -> None:
+        from .keys_cli import count_public_certificates, load_secret_certificate
+
+        for name in ("curve_secret_key_file", "curve_authorized_keys_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise _fail(name, f"must be a path string, got {getattr(self, name)!r}")
+        if self.curve_authorized_keys_dir and not self.curve_secret_key_file:
+            raise _fail("curve_authorized_keys_dir", "needs speculative_config.curve_secret_key_file "
+                        "(CURVE is off without the edge's own secret key)")
+        try:
+            if self.curve_secret_key_file:
+                load_secret_certificate(self.curve_secret_key_file, "curve_secret_key_file")
+            if self.curve_authorized_keys_dir:
+                count_public_certificates(self.curve_authorized_keys_dir,
+                                          "curve_authorized_keys_dir")
+        except ValueError as e:
+            raise TsltConfigError(f"speculative_config.{e}") from None
+
+    @property
+    def curve(self) -> bool:
+        """True when the draft channel is authenticated and encrypted with CURVE."""
+        return bool(self.curve_secret_key_file)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> TsltConfig:

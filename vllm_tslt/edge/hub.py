@@ -5,6 +5,13 @@ idle), validates and stores incoming drafts, and sends what the engine thread qu
 thread talks to it through four calls per step — `start_request`, `commit`, `end_request` and
 `collect` — and never touches the socket. Everything untrusted is decoded with limits; anything
 wrong is dropped and counted by reason, never raised into the engine.
+
+Security (docs/security.md): with ``curve_secret_key_file`` set the ROUTER is a CURVE server and
+ZeroMQ's ZAP handler rejects keys outside ``curve_authorized_keys_dir``; every session is bound to
+the CURVE public key that opened it, and a message or draft from another key is refused
+(``invalid_wrong_peer``). Each routing id has a token bucket (``max_messages_per_s``) and a strike
+count: more than ``ABUSE_MAX_STRIKES`` invalid or over-limit messages within ``ABUSE_WINDOW_S``
+close its session (``sessions_closed_abuse``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,15 +53,33 @@ SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no traffic and no requests is f
 # (a stalled or vanished device costs at most this many deadlines) until it sends a draft again.
 MAX_MISSED_DEADLINES = 3
 _POLL_MS = 100
+# Abuse: more strikes (invalid, over-rate or wrong-peer messages) than this within the window close
+# the sender's session; it must handshake again.
+ABUSE_MAX_STRIKES = 64
+ABUSE_WINDOW_S = 10.0
+# Rate/strike state is kept for at most max_sessions + this many routing ids (least recent evicted).
+PEER_TABLE_SLACK = 1024
+ZAP_DOMAIN = "tslt"  # pyzmq's authenticator looks certificates up by the exact domain
 
 
 @dataclass
 class _Session:
     session_id: str
     identity: bytes
+    peer: str = ""  # the CURVE public key (z85) that opened the session; "" without CURVE
     requests: set[str] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
     missed: int = 0  # consecutive collect() deadlines this session's requests missed
+
+
+@dataclass
+class _PeerGuard:
+    """Token bucket and strike window of one routing id."""
+
+    tokens: float
+    stamp: float
+    strikes: int = 0
+    window_start: float = 0.0
 
 
 @dataclass
@@ -82,8 +107,12 @@ class DraftHub:
         self._sessions: dict[str, _Session] = {}
         self._by_identity: dict[bytes, str] = {}
         self._requests: dict[str, _Request] = {}
+        self._guards: OrderedDict[bytes, _PeerGuard] = OrderedDict()  # routing id -> guard
+        self._max_guards = config.max_sessions + PEER_TABLE_SLACK
         self._cond = threading.Condition()
-        self._ctx = zmq.Context.instance()
+        # CURVE needs its own context: the ZAP handler serves every socket of a context.
+        self._ctx = zmq.Context() if config.curve else zmq.Context.instance()
+        self._auth: Any = None  # zmq.auth.thread.ThreadAuthenticator when CURVE is on
         self._router: zmq.Socket | None = None
         self._outbox_addr = f"inproc://tslt-hub-{id(self)}"
         self._outbox: zmq.Socket | None = None  # engine thread's PUSH end
@@ -100,6 +129,8 @@ class DraftHub:
         router.setsockopt(zmq.SNDHWM, 10_000)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies are dropped, not raised
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_payload_bytes)
+        if self.config.curve:
+            self._enable_curve(router)
         bind = self.config.bind
         if bind.startswith("tcp://") and bind.endswith(":0"):
             port = router.bind_to_random_port(bind[: bind.rindex(":")])
@@ -114,9 +145,27 @@ class DraftHub:
         self._thread = threading.Thread(target=self._io_loop, args=(router, inbox),
                                         name="tslt-draft-hub", daemon=True)
         self._thread.start()
-        logger.info("TSLT draft hub listening on %s (vocab %d, max_gamma %d)", self.endpoint,
-                    self.vocab_size, self.max_gamma)
+        logger.info("TSLT draft hub listening on %s (vocab %d, max_gamma %d, %s)", self.endpoint,
+                    self.vocab_size, self.max_gamma,
+                    "CURVE" if self.config.curve else "no authentication: trusted networks only")
         return self
+
+    def _enable_curve(self, router: zmq.Socket) -> None:
+        from zmq.auth import CURVE_ALLOW_ANY
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from .keys_cli import load_secret_certificate
+
+        public, secret = load_secret_certificate(self.config.curve_secret_key_file,
+                                                 "speculative_config.curve_secret_key_file")
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(f"{__name__}.zap"))
+        self._auth.start()
+        allowed = self.config.curve_authorized_keys_dir or CURVE_ALLOW_ANY
+        self._auth.configure_curve(domain=ZAP_DOMAIN, location=allowed)
+        router.curve_server = True
+        router.curve_publickey = public
+        router.curve_secretkey = secret
+        router.zap_domain = ZAP_DOMAIN.encode()
 
     def close(self) -> None:
         self._stop.set()
@@ -125,6 +174,11 @@ class DraftHub:
         if self._outbox is not None:
             self._outbox.close(linger=0)
             self._outbox = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+            if self._thread is None or not self._thread.is_alive():
+                self._ctx.term()  # our own context (CURVE); every socket of it is closed now
 
     # ------------------------------------------------------------------ engine side
 
@@ -277,10 +331,11 @@ class DraftHub:
                 if router in events:
                     for _ in range(1000):
                         try:
-                            frames = router.recv_multipart(zmq.NOBLOCK)
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_frames(router, frames)
+                        self._on_frames_guarded(router, [f.bytes for f in frames],
+                                                self._peer_of(frames[-1]))
                 if time.monotonic() - last_sweep > 5.0:
                     self._expire_idle_sessions()
                     last_sweep = time.monotonic()
@@ -290,55 +345,141 @@ class DraftHub:
             router.close(linger=0)
             inbox.close(linger=0)
 
-    def _on_frames(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _peer_of(self, frame: zmq.Frame) -> str:
+        """The authenticated CURVE key (z85) of a received frame's sender; "" without CURVE."""
+        if not self.config.curve:
+            return ""
+        try:
+            return frame.get("User-Id") or ""
+        except zmq.ZMQError:  # no ZAP user id: cannot happen with a CURVE server socket
+            return ""
+
+    def _on_frames_guarded(self, router: zmq.Socket, frames: list[bytes], peer: str) -> None:
+        try:
+            self._on_frames(router, frames, peer)
+        except Exception:  # a bug on one message must not disable drafts for every device
+            self.count("internal_errors")
+            logger.exception("TSLT draft hub failed on a device message; message dropped")
+
+    def _on_frames(self, router: zmq.Socket, frames: list[bytes], peer: str = "") -> None:
+        if not frames:
+            return
+        identity = frames[0]
+        self.count("uplink_bytes", sum(len(f) for f in frames[1:]))
+        if not self._take_token(identity):
+            self.count("dropped_rate_limited")  # no reply: replies must not amplify a flood
+            self._strike(router, identity)
+            return
         if len(frames) != 2:
             self.count("invalid_framing")
+            self._strike(router, identity)
             return
-        identity, data = frames
-        self.count("uplink_bytes", len(data))
+        data = frames[1]
         try:
             msg = decode(data, self.limits)
         except ProtocolError as err:
             self.count(f"invalid_{err.reason.value}")
             logger.debug("invalid message from a device: %s", err)
-            self._reply(router, identity, Error(err.reason.value, str(err)))
+            if not self._strike(router, identity):
+                self._reply(router, identity, Error(err.reason.value, str(err)))
             return
         if isinstance(msg, Handshake):
-            self._on_handshake(router, identity, msg)
+            self._on_handshake(router, identity, msg, peer)
             return
-        with self._cond:
-            session_id = self._by_identity.get(identity)
-            session = self._sessions.get(session_id) if session_id else None
-            if session is not None:
-                session.last_seen = time.monotonic()
+        session = self._session_for(router, identity, peer)
         if session is None:
             self.count("invalid_unknown_peer")
             self._reply(router, identity, Error("unknown_peer", "handshake first"))
             return
         if isinstance(msg, Draft):
-            self._on_draft(session, msg)
+            if not self._on_draft(session, msg):
+                self._strike(router, identity)
         elif isinstance(msg, End) and msg.request_id == "":
             self._close_session(session.session_id, "device said goodbye")
         elif not isinstance(msg, End):
             self.count("invalid_unexpected_type")
+            self._strike(router, identity)
 
-    def _on_draft(self, session: _Session, draft: Draft) -> None:
+    def _session_for(self, router: zmq.Socket, identity: bytes, peer: str) -> _Session | None:
+        """The sender's session, if it has one opened by the same authenticated key."""
+        with self._cond:
+            session_id = self._by_identity.get(identity)
+            session = self._sessions.get(session_id) if session_id else None
+            if session is not None and session.peer == peer:
+                session.last_seen = time.monotonic()
+                return session
+        if session is not None:  # another key took over this routing id: its downlink too
+            self.count("invalid_wrong_peer")
+            self._close_session(session.session_id, "routing id reused by another CURVE key")
+        return None
+
+    def _take_token(self, identity: bytes) -> bool:
+        rate = float(self.config.max_messages_per_s)
+        now = time.monotonic()
+        with self._cond:
+            guard = self._guards.get(identity)
+            if guard is None:
+                guard = self._guards[identity] = _PeerGuard(tokens=rate, stamp=now,
+                                                            window_start=now)
+                while len(self._guards) > self._max_guards:
+                    self._guards.popitem(last=False)
+            else:
+                self._guards.move_to_end(identity)
+            guard.tokens = min(rate, guard.tokens + (now - guard.stamp) * rate)
+            guard.stamp = now
+            if guard.tokens < 1.0:
+                return False
+            guard.tokens -= 1.0
+            return True
+
+    def _strike(self, router: zmq.Socket, identity: bytes) -> bool:
+        """Count one abusive message; True when the sender is over the limit (send no reply)."""
+        now = time.monotonic()
+        with self._cond:
+            guard = self._guards.get(identity)
+            if guard is None:
+                return False
+            if now - guard.window_start > ABUSE_WINDOW_S:
+                guard.window_start, guard.strikes = now, 0
+            guard.strikes += 1
+            if guard.strikes <= ABUSE_MAX_STRIKES:
+                return False
+            session_id = self._by_identity.get(identity)
+            if session_id is None:  # no session to close: stay silent until the window ends
+                return True
+            guard.window_start, guard.strikes = now, 0  # a new session starts with a clean slate
+            self.counters["sessions_closed_abuse"] += 1
+        self._close_session(session_id, f"more than {ABUSE_MAX_STRIKES} invalid or over-limit "
+                                        f"messages within {ABUSE_WINDOW_S:g} s")
+        self._reply(router, identity, Error("session_closed", "too many invalid or over-limit "
+                                            "messages; handshake again"))
+        return True
+
+    def _on_draft(self, session: _Session, draft: Draft) -> bool:
+        """Store a draft for its request. False: the draft was abusive (another key's request)."""
         with self._cond:
             self.counters["drafts_received"] += 1
             req = self._requests.get(draft.request_id)
+            if req is not None and req.session_id != session.session_id:
+                owner = self._sessions.get(req.session_id)
+                if owner is not None and owner.peer != session.peer:
+                    self.counters["invalid_wrong_peer"] += 1
+                    return False
             if req is None or req.session_id != session.session_id:
                 self.counters["dropped_unknown_request"] += 1
-                return
+                return True
             if draft.committed_len < req.hasher.length:
                 self.counters["dropped_late"] += 1
-                return
+                return True
             req.drafts[draft.committed_len] = draft
             session.missed = 0
             while len(req.drafts) > MAX_DRAFTS_PER_REQUEST:  # never evict the current prefix's
                 req.drafts.pop(max(n for n in req.drafts if n != req.hasher.length))
             self._cond.notify_all()
+        return True
 
-    def _on_handshake(self, router: zmq.Socket, identity: bytes, hello: Handshake) -> None:
+    def _on_handshake(self, router: zmq.Socket, identity: bytes, hello: Handshake,
+                      peer: str = "") -> None:
         reason = None
         if hello.vocab_size != self.vocab_size or hello.vocab_fingerprint != self.vocab_fingerprint:
             reason = ("vocab_mismatch",
@@ -358,7 +499,7 @@ class DraftHub:
             return
         if old is not None:
             self._close_session(old, "device handshook again")
-        session = _Session(secrets.token_urlsafe(18), identity)
+        session = _Session(secrets.token_urlsafe(18), identity, peer)
         with self._cond:
             self._sessions[session.session_id] = session
             self._by_identity[identity] = session.session_id
