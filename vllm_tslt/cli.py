@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .agent.cli import register_cli as register_agent_cli
 
     register_agent_cli(sub)
+    from .edge.keys_cli import register_cli as register_keys_cli
+
+    register_keys_cli(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -223,7 +223,6 @@ def handcrafted_payload(draw) -> tuple[list, bytes]:
 @given(handcrafted_payload(), st.integers(0, 2**32 - 1))
 def test_handcrafted_sparse_payloads(header_payload, prefix_hash: int) -> None:
     header, payload = header_payload
-    assume(not (payload == b"" and header[3] == 0))  # known bug: test_empty_payload_zero_kw below
     frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 5, prefix_hash, *header,
                            payload], use_bin_type=True)
     decode_or_refuse(frame)
@@ -256,11 +255,6 @@ def test_out_of_range_counts_and_columns_are_refused_by_reason() -> None:
     assert decode_or_refuse(huge) == "refused:out_of_range"
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "found by test_handcrafted_sparse_payloads: BitReader.fixed (protocol/bitpack.py) indexes an "
-    "empty bit array when every width is 0, so a DRAFT with kw=0 and an empty payload raises "
-    "IndexError instead of ProtocolError. Fix: return zeros when all widths are 0; then drop this "
-    "xfail and the assume() above. The hub survives it (counted as internal_errors)."))
 def test_empty_payload_zero_kw_is_refused() -> None:
     frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 1, 2, 1, 1, 4, 0, b""],
                           use_bin_type=True)

@@ -97,7 +97,9 @@ class DraftRuntime:
             handshake_timeout_s=config.handshake_timeout_s,
             reconnect_initial_s=config.reconnect_initial_s,
             reconnect_max_s=config.reconnect_max_s, silence_timeout_s=config.silence_timeout_s,
-            send_hwm=config.send_hwm, recv_hwm=config.recv_hwm)
+            send_hwm=config.send_hwm, recv_hwm=config.recv_hwm,
+            curve_secret_key_file=config.curve_secret_key_file,
+            curve_server_key_file=config.curve_server_key_file)
         fixed = None if config.adaptive else int(config.num_draft_tokens)
         self.gamma_ctl = GammaController(AdaptiveConfig(
             gamma_max=config.gamma_cap, fixed_gamma=fixed, min_speedup=config.min_speedup,

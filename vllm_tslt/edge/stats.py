@@ -71,6 +71,10 @@ COUNTERS = (
     ("vllm_tslt_requests_bound", "requests_bound", "Requests bound to a device session"),
     ("vllm_tslt_requests_without_session", "requests_without_session",
      "Requests that named no tslt_session (the edge decoded alone)"),
+    ("vllm_tslt_sessions_closed_abuse", "sessions_closed_abuse",
+     "Sessions closed for repeated invalid or over-limit messages"),
+    ("vllm_tslt_internal_errors", "internal_errors",
+     "Exceptions while handling one device message (the hub kept running)"),
 )
 DROP_PREFIXES = ("dropped_", "invalid_", "handshake_refused_", "requests_unknown_session",
                  "requests_over_session_limit")

@@ -65,6 +65,8 @@ class BitReader:
         w = np.full(count, int(w), dtype=np.int64) if w.ndim == 0 else w.ravel()
         if w.size == 0:
             return np.zeros(0, dtype=np.uint64)
+        if not w.any():  # all fields zero bits wide: zeros, and no bits consumed
+            return np.zeros(w.size, dtype=np.uint64)
         ends = self.pos + np.cumsum(w)
         if int(ends[-1]) > self._bits.size:
             raise ProtocolError(Reason.BAD_BITSTREAM, "payload ends inside a fixed-width field")
