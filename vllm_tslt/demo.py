@@ -12,61 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from .edge.launch import free_port, scrape_metrics, vllm_server
 
 PROMPTS = ["def read_config(path):\n", "import os\n\n\nclass ", "    for key, value in "]
 MAX_TOKENS = 24
 GAMMA = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def edge_server(model: Path, log_path: Path, hub_port: int, deadline_ms: float = 200.0):
     """`vllm-tslt serve` with method tslt in a child process group; yields the API URL."""
-    port = _free_port()
     spec = {"method": "tslt", "num_speculative_tokens": GAMMA,
             "bind": f"tcp://127.0.0.1:{hub_port}", "draft_deadline_ms": deadline_ms}
-    cmd = [sys.executable, "-m", "vllm_tslt.cli", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-           "--enforce-eager", "--speculative-config", json.dumps(spec)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the edge server exited ({proc.returncode}); see {log_path}")
-            try:
-                urllib.request.urlopen(f"{url}/v1/models", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() - t0 > 600:
-                    raise TimeoutError(f"edge server not ready after 600 s; see {log_path}") from None
-                time.sleep(1)
+    with vllm_server(model, log_path, spec) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def vllm_generate(model: Path, prompts: list[str], max_tokens: int, log_path: Path,
@@ -112,15 +77,12 @@ def dsd_bytes_per_draft_token(vocab_size: int, dtype: str) -> float:
 
 
 def _spec_metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
+    """vLLM's spec-decode counters and ours, summed over labels (drop reasons kept apart)."""
     out: dict[str, float] = {}
-    for line in lines:
-        if line.startswith(("vllm:spec_decode_num_", "vllm_tslt_")) and "_created" not in line:
-            name = line.rsplit(" ", 1)[0]
-            if not name.startswith("vllm_tslt_drafts_dropped"):
-                name = name.split("{")[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for key, value in scrape_metrics(url).items():
+        if key.startswith(("vllm:spec_decode_num_", "vllm_tslt_")) and "_created" not in key:
+            name = key if key.startswith("vllm_tslt_drafts_dropped") else key.split("{")[0]
+            out[name] = out.get(name, 0.0) + value
     return out
 
 
@@ -140,7 +102,7 @@ def run_demo(pair: str = "tiny") -> int:
     stats = paths.stats()
     print(_pair_table(stats))
     log_path = Path(tempfile.gettempdir()) / "vllm-tslt-demo-edge.log"
-    hub_port = _free_port()
+    hub_port = free_port()
     print(f"[2/4] starting the edge: vllm-tslt serve <target> --speculative-config "
           f"'{{\"method\": \"tslt\", \"num_speculative_tokens\": {GAMMA}, ...}}' "
           f"(~1 min; log: {log_path})")

@@ -5,29 +5,20 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-import zmq
 
-from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import DraftHub
 from vllm_tslt.protocol import (
-    PROTOCOL_VERSION,
     Commit,
-    DecodeLimits,
-    Draft,
     End,
     Error,
     Handshake,
     RequestStart,
-    decode,
-    encode,
-    prefix_hash,
 )
 
+from .hub_peers import FP, Device, V, make_draft
+
 pytestmark = pytest.mark.integration
-V, FP = 64, "f" * 32
-LIMITS = DecodeLimits(vocab_size=V)
 
 
 @pytest.fixture()
@@ -36,34 +27,6 @@ def hub():
                  vocab_fingerprint=FP, model_name="target", max_gamma=4).start()
     yield h
     h.close()
-
-
-class Device:
-    def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, msg) -> None:
-        self.sock.send(encode(msg))
-
-    def recv(self, timeout_ms: int = 2000):
-        assert self.sock.poll(timeout_ms), "no message from the hub before the deadline"
-        return decode(self.sock.recv(), LIMITS)
-
-    def handshake(self, fingerprint: str = FP) -> Handshake | Error:
-        self.send(Handshake(PROTOCOL_VERSION, V, fingerprint, "draft"))
-        return self.recv()
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
-def make_draft(request_id: str, sequence: list[int], gamma: int = 3, seed: int = 0) -> Draft:
-    logits = torch.randn(gamma, V, generator=torch.Generator().manual_seed(seed)) * 3
-    tokens, q = sparsify_then_sample(logits, SparsifyConfig(top_k=8, quant_bits=8),
-                                     torch.Generator().manual_seed(seed + 1))
-    return Draft(request_id, len(sequence), prefix_hash(sequence), tokens, q)
 
 
 def test_handshake_assigns_unguessable_sessions(hub):

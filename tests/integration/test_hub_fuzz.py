@@ -10,43 +10,27 @@ import time
 import msgpack
 import pytest
 import torch
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
 from vllm_tslt.edge import hub as hub_module
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import MAX_DRAFTS_PER_REQUEST, DraftHub
 from vllm_tslt.protocol import (
     PROTOCOL_VERSION,
     Commit,
-    DecodeLimits,
-    Draft,
     End,
     Handshake,
     MsgType,
     RequestStart,
-    decode,
     encode,
     prefix_hash,
 )
 
+from .hub_peers import FP, HELLO, Device, V, make_draft
+
 pytestmark = pytest.mark.integration
-V, FP = 64, "f" * 32
-LIMITS = DecodeLimits(vocab_size=V)
-HELLO = Handshake(PROTOCOL_VERSION, V, FP, "draft")
 MAX_SESSIONS = 8
-
-
-def make_draft(request_id: str, sequence: list[int], gamma: int = 3, seed: int = 0,
-               prefix: int | None = None, m: int = 1) -> Draft:
-    g = torch.Generator().manual_seed(seed)
-    cands, q = sparsify_then_sample(torch.randn(gamma, V, generator=g) * 3,
-                                    SparsifyConfig(top_k=8, quant_bits=8),
-                                    torch.rand(gamma, m, dtype=torch.float64, generator=g))
-    return Draft(request_id, len(sequence), prefix_hash(sequence) if prefix is None else prefix,
-                 cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
 
 
 def start_hub(**options) -> DraftHub:
@@ -54,29 +38,6 @@ def start_hub(**options) -> DraftHub:
                         max_requests_per_session=4, **options)
     return DraftHub(config, vocab_size=V, vocab_fingerprint=FP, model_name="target",
                     max_gamma=4).start()
-
-
-class Device:
-    def __init__(self, endpoint: str, identity: bytes | None = None) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if identity is not None:
-            self.sock.setsockopt(zmq.ROUTING_ID, identity)
-        self.sock.connect(endpoint)
-
-    def send(self, msg) -> None:
-        self.sock.send(encode(msg))
-
-    def recv(self, timeout_ms: int = 2000):
-        assert self.sock.poll(timeout_ms), "no message from the hub before the deadline"
-        return decode(self.sock.recv(), LIMITS)
-
-    def drain(self) -> None:
-        while self.sock.poll(50):
-            self.sock.recv()
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
 
 
 class FakeRouter:

@@ -6,63 +6,27 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import zmq
 import zmq.auth
 
 from vllm_tslt.agent.client import EdgeClient
-from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
 from vllm_tslt.edge import hub as hub_module
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import ABUSE_MAX_STRIKES, DraftHub
 from vllm_tslt.edge.keys_cli import register_cli, write_keypair
 from vllm_tslt.protocol import (
-    PROTOCOL_VERSION,
     DecodeLimits,
-    Draft,
     End,
     Error,
     Handshake,
     RequestStart,
     decode,
     encode,
-    prefix_hash,
 )
 
+from .hub_peers import FP, HELLO, LIMITS, Device, V, make_draft
+
 pytestmark = pytest.mark.integration
-V, FP = 64, "f" * 32
-LIMITS = DecodeLimits(vocab_size=V)
-HELLO = Handshake(PROTOCOL_VERSION, V, FP, "draft")
-
-
-class Device:
-    """A scripted DEALER device (as in test_hub.py)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, msg) -> None:
-        self.sock.send(encode(msg))
-
-    def recv(self, timeout_ms: int = 2000):
-        assert self.sock.poll(timeout_ms), "no message from the hub before the deadline"
-        return decode(self.sock.recv(), LIMITS)
-
-    def handshake(self) -> Handshake | Error:
-        self.send(HELLO)
-        return self.recv()
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
-def make_draft(request_id: str, sequence: list[int], gamma: int = 3, seed: int = 0) -> Draft:
-    g = torch.Generator().manual_seed(seed)
-    tokens, q = sparsify_then_sample(torch.randn(gamma, V, generator=g) * 3,
-                                     SparsifyConfig(top_k=8, quant_bits=8), g)
-    return Draft(request_id, len(sequence), prefix_hash(sequence), tokens, q)
 
 
 @pytest.fixture(scope="module")
