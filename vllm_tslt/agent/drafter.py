@@ -125,8 +125,19 @@ class Drafter:
         # Batched decode rebuilds plain DynamicLayers; models with sliding/linear layers run alone.
         layers = DynamicCache(config=self.model.config).layers
         self.batchable = all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        self._warm_up()
         logger.info("draft model %s on %s (%s), vocab %d", model_path, self.device, self.dtype,
                     self.vocab_size)
+
+    def _warm_up(self) -> None:
+        """One prefill and one cached decode step now, so the first real draft is not the one
+        that pays for lazy initialisation (kernels, allocator) and misses the edge's deadline."""
+        import torch
+
+        with torch.no_grad():
+            ids = torch.zeros(1, 8, dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
+            self.model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
 
     def fingerprint(self) -> str:
         from vllm_tslt.protocol.fingerprint import vocab_fingerprint
