@@ -63,6 +63,9 @@ def main() -> None:
         "`target_entropy`; it is baked into the target's `lm_head`, so the served target is the "
         "trained network at temperature 1/s. The raw network's loss is reported beside it.",
         "",
+        "Build time is wall time on this machine with whatever else was running at the time: "
+        "compare builds on an idle machine.",
+        "",
     ]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
