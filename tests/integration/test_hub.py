@@ -136,3 +136,19 @@ def test_a_silent_device_costs_at_most_a_few_deadlines(hub):
         assert "r1" in hub.collect(["r1"], deadline_s=0.5)
     finally:
         dev.close()
+
+
+def test_same_tokenizer_with_a_narrower_draft_vocabulary_is_accepted(hub):
+    """Checkpoints of one family pad their vocabularies differently; the tokenizer decides."""
+    from vllm_tslt.protocol import PROTOCOL_VERSION, Handshake
+
+    narrow, wide = Device(hub.endpoint), Device(hub.endpoint)
+    try:
+        narrow.send(Handshake(PROTOCOL_VERSION, V - 8, FP, "draft"))
+        assert isinstance(narrow.recv(), Handshake)
+        wide.send(Handshake(PROTOCOL_VERSION, V + 8, FP, "draft"))
+        reply = wide.recv()
+        assert getattr(reply, "code", "") == "vocab_mismatch"
+    finally:
+        narrow.close()
+        wide.close()

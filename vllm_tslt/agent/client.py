@@ -272,8 +272,8 @@ class EdgeClient:
         if self.state != "handshaking":
             logger.debug("ignoring an unexpected handshake from the edge")
             return
-        if (reply.vocab_size, reply.vocab_fingerprint) != (self.hello.vocab_size,
-                                                           self.hello.vocab_fingerprint):
+        if (reply.vocab_fingerprint != self.hello.vocab_fingerprint
+                or reply.vocab_size < self.hello.vocab_size):  # same tokenizer; ids must fit
             raise HandshakeRefused("vocab_mismatch",
                                    f"edge target {reply.model_name!r} has vocab_size "
                                    f"{reply.vocab_size} / fingerprint {reply.vocab_fingerprint}, "

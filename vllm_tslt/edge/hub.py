@@ -481,12 +481,15 @@ class DraftHub:
     def _on_handshake(self, router: zmq.Socket, identity: bytes, hello: Handshake,
                       peer: str = "") -> None:
         reason = None
-        if hello.vocab_size != self.vocab_size or hello.vocab_fingerprint != self.vocab_fingerprint:
+        # NOTE: the tokenizers must be identical; the models' logit widths may differ (checkpoints
+        # pad their vocabularies differently, e.g. 151936 vs 152064 in one model family), as long
+        # as every id the device can send is one the target has.
+        if hello.vocab_fingerprint != self.vocab_fingerprint or hello.vocab_size > self.vocab_size:
             reason = ("vocab_mismatch",
                       f"device vocabulary (size {hello.vocab_size}, fingerprint "
-                      f"{hello.vocab_fingerprint[:12]}) != target {self.model_name!r} (size "
-                      f"{self.vocab_size}, fingerprint {self.vocab_fingerprint[:12]}): the draft "
-                      "model must use the target's tokenizer")
+                      f"{hello.vocab_fingerprint[:12]}) does not fit target {self.model_name!r} "
+                      f"(size {self.vocab_size}, fingerprint {self.vocab_fingerprint[:12]}): the "
+                      "draft model must use the target's tokenizer")
         with self._cond:
             old = self._by_identity.get(identity)
             if reason is None and old is None and len(self._sessions) >= self.config.max_sessions:
