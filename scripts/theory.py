@@ -41,6 +41,10 @@ def grid() -> list[tuple[str, SparsifyConfig]]:
     for bits in BITS:
         out += [(f"top-k {k}, b={bits}", SparsifyConfig(top_k=k, k_max=64, quant_bits=bits)) for k in TOP_KS]
         out += [(f"top-p {p}, b={bits}", SparsifyConfig(top_p=p, k_max=64, quant_bits=bits)) for p in TOP_PS]
+    # Wider supports (k_max 256) show what the last percentage point of acceptance costs.
+    for bits in (12, 16):
+        out += [(f"top-k {k}, b={bits}", SparsifyConfig(top_k=k, k_max=256, quant_bits=bits)) for k in (128, 256)]
+        out.append((f"top-p 0.999, b={bits}", SparsifyConfig(top_p=0.999, k_max=256, quant_bits=bits)))
     return out
 
 
@@ -271,6 +275,11 @@ def _render_pair(pair: dict) -> list[str]:
         lines += ["", f"Cheapest setting within 1 percentage point of untruncated acceptance: **{best['setting']}**, "
                   f"α̃ = {best['alpha_tilde']:.4f}, {best['bytes_per_token']:.1f} B/token = "
                   f"{100 * best['bytes_per_token'] / pair['dsd_fp16_bytes']:.2f}% of DSD fp16."]
+    else:
+        near = max(pair["rows"], key=lambda r: r["alpha_tilde"])
+        lines += ["", f"**No setting in this grid is within 1 percentage point of untruncated acceptance.** "
+                  f"Closest: {near['setting']}, α̃ = {near['alpha_tilde']:.4f} ({100 * (near['alpha_tilde'] - a):+.2f} pp), "
+                  f"{near['bytes_per_token']:.1f} B/token = {100 * near['bytes_per_token'] / pair['dsd_fp16_bytes']:.2f}% of DSD fp16."]
     return [*lines, ""]
 
 
