@@ -20,7 +20,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,7 @@ from vllm_tslt.protocol import (
 )
 
 from .config import TsltConfig
+from .guard import ABUSE_MAX_STRIKES, ABUSE_WINDOW_S, PEER_TABLE_SLACK, PeerGuards, enable_curve
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,6 @@ SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no traffic and no requests is f
 # (a stalled or vanished device costs at most this many deadlines) until it sends a draft again.
 MAX_MISSED_DEADLINES = 3
 _POLL_MS = 100
-# Abuse: more strikes (invalid, over-rate or wrong-peer messages) than this within the window close
-# the sender's session; it must handshake again.
-ABUSE_MAX_STRIKES = 64
-ABUSE_WINDOW_S = 10.0
-# Rate/strike state is kept for at most max_sessions + this many routing ids (least recent evicted).
-PEER_TABLE_SLACK = 1024
-ZAP_DOMAIN = "tslt"  # pyzmq's authenticator looks certificates up by the exact domain
 
 
 @dataclass
@@ -70,16 +64,6 @@ class _Session:
     requests: set[str] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
     missed: int = 0  # consecutive collect() deadlines this session's requests missed
-
-
-@dataclass
-class _PeerGuard:
-    """Token bucket and strike window of one routing id."""
-
-    tokens: float
-    stamp: float
-    strikes: int = 0
-    window_start: float = 0.0
 
 
 @dataclass
@@ -107,8 +91,7 @@ class DraftHub:
         self._sessions: dict[str, _Session] = {}
         self._by_identity: dict[bytes, str] = {}
         self._requests: dict[str, _Request] = {}
-        self._guards: OrderedDict[bytes, _PeerGuard] = OrderedDict()  # routing id -> guard
-        self._max_guards = config.max_sessions + PEER_TABLE_SLACK
+        self._guards = PeerGuards(config.max_messages_per_s, config.max_sessions + PEER_TABLE_SLACK)
         self._cond = threading.Condition()
         # CURVE needs its own context: the ZAP handler serves every socket of a context.
         self._ctx = zmq.Context() if config.curve else zmq.Context.instance()
@@ -151,21 +134,8 @@ class DraftHub:
         return self
 
     def _enable_curve(self, router: zmq.Socket) -> None:
-        from zmq.auth import CURVE_ALLOW_ANY
-        from zmq.auth.thread import ThreadAuthenticator
-
-        from .keys_cli import load_secret_certificate
-
-        public, secret = load_secret_certificate(self.config.curve_secret_key_file,
-                                                 "speculative_config.curve_secret_key_file")
-        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(f"{__name__}.zap"))
-        self._auth.start()
-        allowed = self.config.curve_authorized_keys_dir or CURVE_ALLOW_ANY
-        self._auth.configure_curve(domain=ZAP_DOMAIN, location=allowed)
-        router.curve_server = True
-        router.curve_publickey = public
-        router.curve_secretkey = secret
-        router.zap_domain = ZAP_DOMAIN.encode()
+        self._auth = enable_curve(self._ctx, router, self.config.curve_secret_key_file,
+                                  self.config.curve_authorized_keys_dir)
 
     def close(self) -> None:
         self._stop.set()
@@ -414,40 +384,18 @@ class DraftHub:
         return None
 
     def _take_token(self, identity: bytes) -> bool:
-        rate = float(self.config.max_messages_per_s)
-        now = time.monotonic()
         with self._cond:
-            guard = self._guards.get(identity)
-            if guard is None:
-                guard = self._guards[identity] = _PeerGuard(tokens=rate, stamp=now,
-                                                            window_start=now)
-                while len(self._guards) > self._max_guards:
-                    self._guards.popitem(last=False)
-            else:
-                self._guards.move_to_end(identity)
-            guard.tokens = min(rate, guard.tokens + (now - guard.stamp) * rate)
-            guard.stamp = now
-            if guard.tokens < 1.0:
-                return False
-            guard.tokens -= 1.0
-            return True
+            return self._guards.allow(identity)
 
     def _strike(self, router: zmq.Socket, identity: bytes) -> bool:
         """Count one abusive message; True when the sender is over the limit (send no reply)."""
-        now = time.monotonic()
         with self._cond:
-            guard = self._guards.get(identity)
-            if guard is None:
-                return False
-            if now - guard.window_start > ABUSE_WINDOW_S:
-                guard.window_start, guard.strikes = now, 0
-            guard.strikes += 1
-            if guard.strikes <= ABUSE_MAX_STRIKES:
+            if not self._guards.strike(identity):
                 return False
             session_id = self._by_identity.get(identity)
             if session_id is None:  # no session to close: stay silent until the window ends
                 return True
-            guard.window_start, guard.strikes = now, 0  # a new session starts with a clean slate
+            self._guards.forgive(identity)  # a new session starts with a clean slate
             self.counters["sessions_closed_abuse"] += 1
         self._close_session(session_id, f"more than {ABUSE_MAX_STRIKES} invalid or over-limit "
                                         f"messages within {ABUSE_WINDOW_S:g} s")
