@@ -22,6 +22,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
+def session(hub):
+    """A device that completed its handshake: (device, session id). Closed after the test."""
+    dev = Device(hub.endpoint)
+    yield dev, dev.handshake().session_id
+    dev.close()
+
+
+@pytest.fixture()
 def hub():
     h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200), vocab_size=V,
                  vocab_fingerprint=FP, model_name="target", max_gamma=4).start()
@@ -53,49 +61,41 @@ def test_vocab_mismatch_is_refused_with_the_reason(hub):
         dev.close()
 
 
-def test_request_commit_draft_collect_end(hub):
-    dev = Device(hub.endpoint)
-    try:
-        sid = dev.handshake().session_id
-        prompt = [1, 5, 9]
-        assert hub.start_request("r1", sid, prompt, {"temperature": 1.0})
-        start = dev.recv()
-        assert isinstance(start, RequestStart) and start.prompt_ids == tuple(prompt)
-        hub.commit("r1", 4, [7])
-        assert dev.recv() == Commit("r1", 4, (7,))
-        seq = [*prompt, 7]
-        dev.send(make_draft("r1", seq))
-        drafts = hub.collect(["r1"], deadline_s=2.0)
-        assert drafts["r1"].committed_len == 4 and drafts["r1"].gamma == 3
-        hub.end_request("r1", "finished")
-        assert dev.recv() == End("r1", "finished")
-        snap = hub.snapshot()
-        assert snap["drafts_used"] == 1 and snap["requests_active"] == 0
-        assert snap["uplink_bytes"] > 0 and snap["downlink_bytes"] > 0
-    finally:
-        dev.close()
+def test_request_commit_draft_collect_end(hub, session):
+    dev, sid = session
+    prompt = [1, 5, 9]
+    assert hub.start_request("r1", sid, prompt, {"temperature": 1.0})
+    start = dev.recv()
+    assert isinstance(start, RequestStart) and start.prompt_ids == tuple(prompt)
+    hub.commit("r1", 4, [7])
+    assert dev.recv() == Commit("r1", 4, (7,))
+    seq = [*prompt, 7]
+    dev.send(make_draft("r1", seq))
+    drafts = hub.collect(["r1"], deadline_s=2.0)
+    assert drafts["r1"].committed_len == 4 and drafts["r1"].gamma == 3
+    hub.end_request("r1", "finished")
+    assert dev.recv() == End("r1", "finished")
+    snap = hub.snapshot()
+    assert snap["drafts_used"] == 1 and snap["requests_active"] == 0
+    assert snap["uplink_bytes"] > 0 and snap["downlink_bytes"] > 0
 
 
-def test_missing_stale_and_unbound_drafts_are_dropped_and_counted(hub):
-    dev = Device(hub.endpoint)
-    try:
-        sid = dev.handshake().session_id
-        hub.start_request("r1", sid, [1, 2], {})
-        dev.recv()
-        t0 = time.monotonic()
-        assert hub.collect(["r1"], deadline_s=0.15) == {}  # nothing sent: missing
-        assert 0.14 <= time.monotonic() - t0 < 1.0
-        dev.send(make_draft("r1", [1, 3]))  # right length, wrong prefix: stale
-        time.sleep(0.1)
-        assert hub.collect(["r1"], deadline_s=0.1) == {}
-        dev.send(make_draft("nope", [1, 2]))  # not this device's request
-        time.sleep(0.1)
-        snap = hub.snapshot()
-        assert snap["dropped_missing"] == 1 and snap["dropped_stale"] == 1
-        assert snap["dropped_unknown_request"] == 1
-        assert hub.collect(["unbound"], deadline_s=1.0) == {}  # not bound: no wait at all
-    finally:
-        dev.close()
+def test_missing_stale_and_unbound_drafts_are_dropped_and_counted(hub, session):
+    dev, sid = session
+    hub.start_request("r1", sid, [1, 2], {})
+    dev.recv()
+    t0 = time.monotonic()
+    assert hub.collect(["r1"], deadline_s=0.15) == {}  # nothing sent: missing
+    assert 0.14 <= time.monotonic() - t0 < 1.0
+    dev.send(make_draft("r1", [1, 3]))  # right length, wrong prefix: stale
+    time.sleep(0.1)
+    assert hub.collect(["r1"], deadline_s=0.1) == {}
+    dev.send(make_draft("nope", [1, 2]))  # not this device's request
+    time.sleep(0.1)
+    snap = hub.snapshot()
+    assert snap["dropped_missing"] == 1 and snap["dropped_stale"] == 1
+    assert snap["dropped_unknown_request"] == 1
+    assert hub.collect(["unbound"], deadline_s=1.0) == {}  # not bound: no wait at all
 
 
 def test_garbage_and_unknown_peers_do_not_stop_the_hub(hub):
@@ -116,26 +116,22 @@ def test_garbage_and_unknown_peers_do_not_stop_the_hub(hub):
         bad.close()
 
 
-def test_a_silent_device_costs_at_most_a_few_deadlines(hub):
+def test_a_silent_device_costs_at_most_a_few_deadlines(hub, session):
     from vllm_tslt.edge.hub import MAX_MISSED_DEADLINES
 
-    dev = Device(hub.endpoint)
-    try:
-        sid = dev.handshake().session_id
-        hub.start_request("r1", sid, [1, 2], {})
-        dev.recv()
-        t0 = time.monotonic()
-        for _ in range(MAX_MISSED_DEADLINES):
-            assert hub.collect(["r1"], deadline_s=0.1) == {}
-        assert time.monotonic() - t0 >= 0.1 * MAX_MISSED_DEADLINES - 0.01
-        t1 = time.monotonic()
-        assert hub.collect(["r1"], deadline_s=0.5) == {}  # unresponsive: no wait
-        assert time.monotonic() - t1 < 0.05
-        dev.send(make_draft("r1", [1, 2]))  # it speaks again: waited for again
-        time.sleep(0.1)
-        assert "r1" in hub.collect(["r1"], deadline_s=0.5)
-    finally:
-        dev.close()
+    dev, sid = session
+    hub.start_request("r1", sid, [1, 2], {})
+    dev.recv()
+    t0 = time.monotonic()
+    for _ in range(MAX_MISSED_DEADLINES):
+        assert hub.collect(["r1"], deadline_s=0.1) == {}
+    assert time.monotonic() - t0 >= 0.1 * MAX_MISSED_DEADLINES - 0.01
+    t1 = time.monotonic()
+    assert hub.collect(["r1"], deadline_s=0.5) == {}  # unresponsive: no wait
+    assert time.monotonic() - t1 < 0.05
+    dev.send(make_draft("r1", [1, 2]))  # it speaks again: waited for again
+    time.sleep(0.1)
+    assert "r1" in hub.collect(["r1"], deadline_s=0.5)
 
 
 def test_same_tokenizer_with_a_narrower_draft_vocabulary_is_accepted(hub):

@@ -200,14 +200,6 @@ class DraftHub:
         if session is not None:
             self._send(session.identity, End(request_id, reason))
 
-    def expected_prefix(self, request_id: str) -> tuple[int, int] | None:
-        """(committed_len, prefix_hash) a usable draft must carry, or None if not bound."""
-        with self._cond:
-            req = self._requests.get(request_id)
-            if req is None or req.session_id not in self._sessions:
-                return None
-            return req.hasher.length, req.hasher.value()
-
     def collect(self, request_ids: Iterable[str], deadline_s: float) -> dict[str, Draft]:
         """Wait until each request has a draft for its committed sequence, or the deadline.
 
