@@ -7,10 +7,13 @@ With per-token acceptance α (i.i.d. model), the expected number of tokens per r
 
 and a round takes (device drafting not hidden by proactive drafting, then the link and the verify):
 
-    T(γ) = γ · t_draft · (1 - h) + r(bytes(γ)),    r(b) = r0 + b / uplink_rate,   bytes(γ) = b0 + γ · b1
+    T(γ) = γ · t_draft · (1 - h) + r(bytes(γ)) + γ · c_v,
+    r(b) = r0 + b / uplink_rate,   bytes(γ) = b0 + γ · b1
 
-where h is the proactive hit rate (the next draft was ready when the commit came). The edge alone
-emits one token per target step t_step, so the speedup is S(γ) = E(γ) · t_step / T(γ). We pick
+where h is the proactive hit rate (the next draft was ready when the commit came) and c_v the
+edge's verification cost per draft token. The edge alone emits one token per target step t_step,
+so the speedup is S(γ) = E(γ) · t_step / T(γ). The edge reports t_step and c_v for its current
+load (``EdgeStatus``, a few times a second); plain steps seen without a draft also feed t_step. We pick
 γ* = argmax S over 1..γ_max (a direct search instead of TK-SLT's Lambert-W closed form, which assumes
 the same cost model without the bytes term) and switch speculation off (γ = 0, the edge decodes alone)
 when S(γ*) < min_speedup. While off, one probe round every ``probe_interval_s`` refreshes α and r, so
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+
+from vllm_tslt.core.estimators import DiscountedLine, Ewma
 
 logger = logging.getLogger(__name__)
 
@@ -61,61 +66,12 @@ class AdaptiveConfig:
             raise ValueError(f"prior_alpha must be in (0, 1), got {self.prior_alpha!r}")
 
 
-class Ewma:
-    """Exponentially weighted mean with a half-life in observations; None until the first one."""
-
-    def __init__(self, half_life: float) -> None:
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.value: float | None = None
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
-
-
-class LinkModel:
-    """Round time r = r0 + bytes / rate by least squares over exponentially discounted sums.
-
-    The slope is identified only when payload sizes vary (different γ or supports); otherwise the
-    model is the mean round time (slope 0): no rate is invented from one payload size.
-    """
-
-    MIN_REL_SPREAD = 0.05  # std(bytes) / mean(bytes) needed to fit a slope
-
-    def __init__(self, half_life: float) -> None:
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.sums = [0.0] * 5  # Σw, Σw·x, Σw·y, Σw·x², Σw·x·y
-        self.count = 0
-
-    def add(self, num_bytes: float, seconds: float, keep: float = 1.0) -> None:
-        """Add one round; ``keep`` < 1 discounts the past further (rare probe rounds)."""
-        x, y = float(num_bytes), float(seconds)
-        d = self.decay * keep
-        self.sums = [d * s + v for s, v in zip(self.sums, (1.0, x, y, x * x, x * y))]
-        self.count += 1
-
-    def fit(self) -> tuple[float, float]:
-        """(r0 seconds, seconds per byte), both >= 0."""
-        w, sx, sy, sxx, sxy = self.sums
-        if w <= 0:
-            return 0.0, 0.0
-        mx, my = sx / w, sy / w
-        var = max(sxx / w - mx * mx, 0.0)
-        slope = 0.0
-        if mx > 0 and math.sqrt(var) >= self.MIN_REL_SPREAD * mx:
-            slope = max((sxy / w - mx * my) / var, 0.0)
-        r0 = my - slope * mx
-        if r0 < 0:  # all of the time scales with the payload
-            r0, slope = 0.0, (my / mx if mx > 0 else 0.0)
-        return r0, slope
-
-    def predict(self, num_bytes: float) -> float:
-        r0, slope = self.fit()
-        return r0 + slope * num_bytes
+class LinkModel(DiscountedLine):
+    """Round time r = r0 + bytes / rate (x = payload bytes, y = seconds)."""
 
     @property
     def rate_bytes_per_s(self) -> float | None:
-        slope = self.fit()[1]
-        return 1.0 / slope if slope > 1e-12 else None
+        return self.rate
 
 
 class GammaController:
@@ -129,6 +85,7 @@ class GammaController:
         self._rej = 2.0 * (1.0 - cfg.prior_alpha)  # discounted rejections
         self.draft_s_per_token = Ewma(cfg.half_life)
         self.target_step_s = Ewma(cfg.half_life)
+        self.verify_s_per_token = 0.0  # the edge's report (EdgeStatus.draft_token_ms)
         self.bytes_fixed = Ewma(cfg.half_life)  # b0 (unused until header size is reported)
         self.bytes_per_token = Ewma(cfg.half_life)  # b1
         self.hit_rate = Ewma(cfg.half_life)
@@ -152,7 +109,8 @@ class GammaController:
         # NOTE: per-token bytes include the frame header's share; fine for choosing γ near the
         # observed ones, which is where the estimate is used.
         self.bytes_per_token.add(payload_bytes / max(gamma, 1))
-        self.link.add(payload_bytes, max(round_s, 0.0), keep)
+        # The edge's verification share of the round is modelled apart (it grows with γ and load).
+        self.link.add(payload_bytes, max(round_s - gamma * self.verify_s_per_token, 0.0), keep)
         self.rounds += 1
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
@@ -162,6 +120,12 @@ class GammaController:
     def observe_target_step(self, seconds: float) -> None:
         """The edge emitted one token without a draft of ours (a plain step) in ``seconds``."""
         self.target_step_s.add(seconds)
+
+    def observe_edge_status(self, step_s: float, draft_token_s: float) -> None:
+        """The edge's own report: its plain step time now and what each draft token adds to a
+        step. Under load both grow, and speculation stops paying sooner."""
+        self.target_step_s.add(step_s)
+        self.verify_s_per_token = draft_token_s
 
     def observe_proactive(self, hit: bool) -> None:
         self.hit_rate.add(1.0 if hit else 0.0)
@@ -176,7 +140,8 @@ class GammaController:
         t_draft = self.draft_s_per_token.value or 0.0
         hidden = self.hit_rate.value or 0.0
         payload = (self.bytes_fixed.value or 0.0) + gamma * (self.bytes_per_token.value or 0.0)
-        return gamma * t_draft * (1.0 - hidden) + self.link.predict(payload)
+        return (gamma * t_draft * (1.0 - hidden) + self.link.predict(payload)
+                + gamma * self.verify_s_per_token)
 
     def speedup(self, gamma: int) -> float | None:
         """Predicted speedup over the edge alone; None until a plain step time is known."""
@@ -218,6 +183,7 @@ class GammaController:
                 "predicted_speedup": None if speedup is None else round(speedup, 3),
                 "draft_ms_per_token": _ms(self.draft_s_per_token.value),
                 "target_step_ms": _ms(self.target_step_s.value),
+                "edge_verify_ms_per_token": _ms(self.verify_s_per_token),
                 "round_ms_at_gamma": _ms(self.round_time(gamma)),
                 "uplink_bytes_per_s": self.link.rate_bytes_per_s,
                 "proactive_hit_rate": self.hit_rate.value, "rounds": self.rounds}

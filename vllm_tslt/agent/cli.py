@@ -63,6 +63,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, metavar="M",
                    help="candidates per draft position: 1 = chain, >1 adds M-1 alternatives "
                         "(multi-candidate); default 1")
+    p.add_argument("--wire-format", choices=["tslt", "dsd-fp32", "dsd-fp16", "tkslt"],
+                   help="uplink format: tslt (default), or a baseline for comparisons (the edge "
+                        "must list it in speculative_config.wire_formats)")
     p.add_argument("--num-draft-tokens", type=_gamma, metavar="G|auto",
                    help="draft length γ per round, or 'auto' to adapt it to the measured "
                         "acceptance, draft time and link (and pause speculation when it cannot "
@@ -80,6 +83,7 @@ def build_config(args: argparse.Namespace):
     overrides = {"draft_model": args.draft_model, "edge": args.edge, "api": args.api,
                  "listen": args.listen, "top_k": args.top_k, "top_p": args.top_p,
                  "quant_bits": args.quant_bits, "candidates": args.candidates,
+                 "wire_format": args.wire_format,
                  "num_draft_tokens": args.num_draft_tokens, "device": args.device,
                  "proactive": args.proactive}
     if args.config is not None:

@@ -5,8 +5,9 @@ States: ``disconnected`` -> (new socket, send Handshake) ``handshaking`` -> (edg
 monitor), ``Error(code="unknown_peer")`` (the edge restarted and forgot us), or silence while drafts
 are outstanding -> close the socket and start again after an exponential backoff
 (``reconnect_initial_s`` doubling up to ``reconnect_max_s``; reset by a successful handshake).
-``Error(code="vocab_mismatch" | "bad_version")`` in reply to our handshake raises
-``HandshakeRefused``: the agent must not run against a target with another vocabulary.
+``Error(code="vocab_mismatch" | "bad_version" | "wire_format")`` in reply to our handshake raises
+``HandshakeRefused``: the agent must not run against a target with another vocabulary (or one that
+does not take its draft format).
 
 Single-threaded: the runtime's loop owns the client. ``session_id`` (a str) may be read from any
 thread. Sockets have LINGER 0, bounded high-water marks and IMMEDIATE (nothing is queued for a peer
@@ -41,7 +42,7 @@ from vllm_tslt.protocol import (
 
 logger = logging.getLogger(__name__)
 
-FATAL_CODES = ("vocab_mismatch", "bad_version")
+FATAL_CODES = ("vocab_mismatch", "bad_version", "wire_format")
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_tslt.core.float_q import WIRE_FORMATS
 from vllm_tslt.core.sparsify import MAX_QUANT_BITS, SparsifyConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -49,6 +50,9 @@ class AgentConfig:
     quant_bits: int = 12
     k_max: int = 64
     candidates: int = 1  # m: 1 = chain drafting; > 1 adds m - 1 i.i.d. alternatives per position
+    # Uplink format: "tslt", or a baseline for comparisons ("dsd-fp32", "dsd-fp16": the dense
+    # distribution; "tkslt": top_k fp16 values). The edge must list it in its wire_formats.
+    wire_format: str = "tslt"
     num_draft_tokens: int | str = "auto"  # γ, or "auto" (adaptive draft length)
     max_draft_tokens: int = 8  # upper bound for "auto" (the edge's max_gamma caps it too)
     proactive: bool = True  # keep drafting the expected continuation while the edge verifies
@@ -135,6 +139,14 @@ class AgentConfig:
             raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
         if not _is_int(self.candidates) or not 1 <= self.candidates <= 16:
             raise ValueError(f"candidates (--candidates) must be an int in 1..16, got {self.candidates!r}")
+        if self.wire_format not in WIRE_FORMATS:
+            raise ValueError(f"wire_format (--wire-format) must be one of {WIRE_FORMATS}, "
+                             f"got {self.wire_format!r}")
+        if self.wire_format != "tslt" and self.candidates != 1:
+            raise ValueError(f"candidates (--candidates) must be 1 with wire_format "
+                             f"{self.wire_format!r} (the baseline formats carry no alternatives)")
+        if self.wire_format == "tkslt" and self.top_k is None:
+            raise ValueError("top_k (--top-k) is required with wire_format 'tkslt' (its K)")
 
     def _check_draft_length(self) -> None:
         if not _is_int(self.max_draft_tokens) or not 1 <= self.max_draft_tokens <= 64:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from vllm_tslt.core.float_q import FloatQ, baseline_then_sample
 from vllm_tslt.core.rng import position_uniforms
 from vllm_tslt.core.sparsify import PAD_ID, SparseQ, SparsifyConfig, sparsify_then_sample
 from vllm_tslt.protocol.messages import Draft, PrefixHasher, prefix_hash
@@ -84,7 +85,8 @@ class DraftState:
     committed_len: int
     cache: Any  # transformers DynamicCache
     hasher: PrefixHasher = field(default_factory=PrefixHasher)  # over tokens[:committed_len]
-    chain_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, cnt) [k]
+    # Per chain token: (indices [k], counts [k]), or (indices, wire values) for a baseline format.
+    chain_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     chain_alts: list[list[int]] = field(default_factory=list)  # [m - 1] per chain token
 
     @property
@@ -107,7 +109,8 @@ class Drafter:
     """A causal LM from transformers used as the draft model. Not thread-safe: one loop owns it."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto",
-                 base: SparsifyConfig | None = None, candidates: int = 1) -> None:
+                 base: SparsifyConfig | None = None, candidates: int = 1,
+                 wire_format: str = "tslt") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = pick_device(device)
@@ -119,6 +122,7 @@ class Drafter:
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         self.base = base or SparsifyConfig(top_k=32)
         self.candidates = candidates
+        self.wire_format = wire_format  # "tslt" or a baseline (vllm_tslt.core.float_q)
         self.forward_calls = 0
         from transformers import DynamicCache
 
@@ -162,7 +166,7 @@ class Drafter:
         seed = sampling_params.get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool):
             seed = secrets.randbits(63)  # unseeded: any seed will do, fixed for the request
-        m = 1 if cfg.greedy else (candidates or self.candidates)
+        m = 1 if cfg.greedy or self.wire_format != "tslt" else (candidates or self.candidates)
         tokens = [int(t) for t in prompt_ids]
         return DraftState(request_id, cfg, seed, m, tokens, len(tokens),
                           DynamicCache(config=self.model.config), PrefixHasher(tokens))
@@ -203,13 +207,17 @@ class Drafter:
         first ``offset`` chain tokens (requires chain_len >= offset + gamma, gamma >= 1).
         """
         rows = state.chain_rows[offset:offset + gamma]
-        width = max(int(idx.numel()) for idx, _ in rows)
-        indices = torch.full((gamma, width), PAD_ID, dtype=torch.int32)
-        counts = torch.zeros((gamma, width), dtype=torch.int32)
-        for j, (idx, cnt) in enumerate(rows):
-            indices[j, : idx.numel()] = idx
-            counts[j, : cnt.numel()] = cnt
-        q = SparseQ(indices, counts, state.sparsify.quant_bits)
+        q: SparseQ | FloatQ
+        if self.wire_format != "tslt":
+            q = FloatQ.from_rows(rows, self.wire_format)
+        else:
+            width = max(int(idx.numel()) for idx, _ in rows)
+            indices = torch.full((gamma, width), PAD_ID, dtype=torch.int32)
+            counts = torch.zeros((gamma, width), dtype=torch.int32)
+            for j, (idx, cnt) in enumerate(rows):
+                indices[j, : idx.numel()] = idx
+                counts[j, : cnt.numel()] = cnt
+            q = SparseQ(indices, counts, state.sparsify.quant_bits)
         start = state.committed_len + offset
         tokens = torch.tensor(state.tokens[start:start + gamma], dtype=torch.int64)
         alts = None
@@ -279,6 +287,13 @@ class Drafter:
         """Sparsify-then-sample the token at absolute position len(tokens); append it to the chain."""
         position = len(state.tokens)
         uniforms = position_uniforms(state.seed, [position], state.candidates)  # [1, m] float64
+        if self.wire_format != "tslt":  # a baseline: sample from the q̂ its wire values define
+            tokens, fq = baseline_then_sample(logits.view(1, -1).cpu(), state.sparsify,
+                                              self.wire_format, self.base.top_k or 1, uniforms)
+            state.chain_rows.append((fq.indices[0].clone(), fq.values[0].clone()))
+            state.chain_alts.append([])
+            state.tokens.append(int(tokens[0, 0]))
+            return
         tokens, q = sparsify_then_sample(logits.view(1, -1).cpu(), state.sparsify, uniforms)
         width = int(q.support_sizes()[0])
         state.chain_rows.append((q.indices[0, :width].clone(), q.counts[0, :width].clone()))

@@ -35,6 +35,7 @@ from vllm_tslt.protocol import (
     PROTOCOL_VERSION,
     Commit,
     DecodeLimits,
+    EdgeStatus,
     End,
     Error,
     Handshake,
@@ -87,11 +88,12 @@ class DraftRuntime:
         self.config = config
         self.drafter = drafter or Drafter(
             config.draft_model, config.device, config.dtype, config.sparsify_config(),
-            config.candidates)
+            config.candidates, wire_format=config.wire_format)
         vocab = self.drafter.vocab_size
         hello = Handshake(PROTOCOL_VERSION, vocab, self.drafter.fingerprint(),
                           self.drafter.model_name,
-                          ("multi_candidate",) if config.candidates > 1 else (), {}, "")
+                          (("multi_candidate",) if config.candidates > 1 else ())
+                          + (f"wire:{config.wire_format}",), {}, "")
         self.client = EdgeClient(
             config.edge, hello, DecodeLimits(vocab_size=vocab),
             handshake_timeout_s=config.handshake_timeout_s,
@@ -113,7 +115,7 @@ class DraftRuntime:
             "requests": 0, "commits": 0, "drafts_sent": 0, "draft_tokens_sent": 0,
             "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
             "drafts_unused": 0, "accepted_tokens": 0, "rounds": 0, "ahead_sent": 0,
-            "ahead_hits": 0, "chain_matched": 0}
+            "ahead_hits": 0, "chain_matched": 0, "edge_status": 0}
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -155,7 +157,9 @@ class DraftRuntime:
             while not self._stop.is_set():
                 self.run_once()
         except HandshakeRefused as e:
-            logger.error("%s. Use a draft model with the target's tokenizer (--draft-model).", e)
+            hint = ("Use a wire format the edge lists (--wire-format)" if e.code == "wire_format"
+                    else "Use a draft model with the target's tokenizer (--draft-model)")
+            logger.error("%s. %s.", e, hint)
             self.failure = e
         except Exception as e:  # a bug must not go silent: record it, log it, stop drafting
             logger.exception("draft loop failed")
@@ -182,6 +186,9 @@ class DraftRuntime:
             self._on_start(msg)
         elif isinstance(msg, End):
             self.tracks.pop(msg.request_id, None)
+        elif isinstance(msg, EdgeStatus):
+            self.gamma_ctl.observe_edge_status(msg.step_ms / 1e3, msg.draft_token_ms / 1e3)
+            self.counters["edge_status"] += 1
         elif isinstance(msg, Error):
             logger.warning("edge error for %s: %s %s", msg.request_id, msg.code, msg.message)
 

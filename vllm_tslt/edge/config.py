@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 VERIFIERS = ("scatter", "fused")
+WIRE_FORMATS = ("tslt", "dsd-fp32", "dsd-fp16", "tkslt")  # == vllm_tslt.core.float_q.WIRE_FORMATS
 
 
 class TsltConfigError(ValueError):
@@ -43,6 +44,12 @@ class TsltConfig:
     curve_secret_key_file: str = ""
     # Directory of the device public certificates (*.key) allowed in ("" = any CURVE key).
     curve_authorized_keys_dir: str = ""
+    # Draft formats the hub accepts: "tslt", plus baselines for comparisons ("dsd-fp32", "dsd-fp16":
+    # the dense distribution; "tkslt": top-K fp16 values). Others are refused and counted.
+    wire_formats: tuple[str, ...] = ("tslt",)
+    # How often the hub tells each device the edge's step time and verification cost per draft
+    # token (EdgeStatus), in seconds; 0 = never.
+    status_interval_s: float = 0.25
     # Where the hub writes its counters for the API server's /metrics ("" = a temp file per port).
     stats_path: str = ""
 
@@ -60,6 +67,14 @@ class TsltConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise _fail(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+        formats = self.wire_formats
+        if isinstance(formats, str) or not formats or \
+                not all(f in WIRE_FORMATS for f in formats):
+            raise _fail("wire_formats", f"must be a non-empty list of {list(WIRE_FORMATS)}, "
+                        f"got {formats!r}")
+        object.__setattr__(self, "wire_formats", tuple(formats))
+        if not 0 <= self.status_interval_s <= 3600:
+            raise _fail("status_interval_s", f"must be in [0, 3600], got {self.status_interval_s}")
         self._check_curve()
 
     def _check_curve(self) -> None:

@@ -27,11 +27,13 @@ from typing import Any
 
 import zmq
 
+from vllm_tslt.core.float_q import FloatQ
 from vllm_tslt.protocol import (
     PROTOCOL_VERSION,
     Commit,
     DecodeLimits,
     Draft,
+    EdgeStatus,
     End,
     Error,
     Handshake,
@@ -239,6 +241,13 @@ class DraftHub:
             self.counters["wait_us"] += int((time.monotonic() - t0) * 1e6) if wanted else 0
         return found
 
+    def broadcast_status(self, status: EdgeStatus) -> None:
+        """Tell every session with a running request what the edge's steps cost now."""
+        with self._cond:
+            identities = [s.identity for s in self._sessions.values() if s.requests]
+        for identity in identities:
+            self._send(identity, status)
+
     def count(self, name: str, n: int = 1) -> None:
         with self._cond:
             self.counters[name] += n
@@ -396,9 +405,14 @@ class DraftHub:
         return True
 
     def _on_draft(self, session: _Session, draft: Draft) -> bool:
-        """Store a draft for its request. False: the draft was abusive (another key's request)."""
+        """Store a draft for its request. False: the draft was abusive (another key's request,
+        or a wire format this edge does not take)."""
         with self._cond:
             self.counters["drafts_received"] += 1
+            wire = draft.q.wire if isinstance(draft.q, FloatQ) else "tslt"
+            if wire not in self.config.wire_formats:
+                self.counters["invalid_wire_format"] += 1
+                return False
             req = self._requests.get(draft.request_id)
             if req is not None and req.session_id != session.session_id:
                 owner = self._sessions.get(req.session_id)
@@ -430,6 +444,10 @@ class DraftHub:
                       f"{hello.vocab_fingerprint[:12]}) does not fit target {self.model_name!r} "
                       f"(size {self.vocab_size}, fingerprint {self.vocab_fingerprint[:12]}): the "
                       "draft model must use the target's tokenizer")
+        wire = next((c[5:] for c in hello.capabilities if c.startswith("wire:")), "tslt")
+        if reason is None and wire not in self.config.wire_formats:
+            reason = ("wire_format", f"this edge takes drafts in {list(self.config.wire_formats)}"
+                      f" (speculative_config.wire_formats), not {wire!r}")
         with self._cond:
             old = self._by_identity.get(identity)
             if reason is None and old is None and len(self._sessions) >= self.config.max_sessions:
@@ -455,7 +473,8 @@ class DraftHub:
                     hello.model_name)
         self._reply(router, identity, Handshake(
             PROTOCOL_VERSION, self.vocab_size, self.vocab_fingerprint, self.model_name,
-            CAPABILITIES, limits, session.session_id))
+            CAPABILITIES + tuple(f"wire:{w}" for w in self.config.wire_formats), limits,
+            session.session_id))
 
     def _close_session(self, session_id: str, why: str) -> None:
         with self._cond:

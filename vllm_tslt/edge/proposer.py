@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from vllm_tslt.core.estimators import DiscountedLine
+from vllm_tslt.core.float_q import FloatQ, concat_rows
 from vllm_tslt.core.sparsify import SparseQ
-from vllm_tslt.protocol import Draft, vocab_fingerprint
+from vllm_tslt.protocol import Draft, EdgeStatus, vocab_fingerprint
 
 from .config import TsltConfig
 from .hub import DraftHub
@@ -25,6 +27,37 @@ from .verify import SparseDraftProbs
 logger = logging.getLogger(__name__)
 
 SESSION_KEY = "tslt_session"  # vllm_xargs / SamplingParams.extra_args key naming the device session
+STEP_COST_HALF_LIFE = 32.0  # steps
+
+
+class StepCost:
+    """The engine's step time as a + c · (draft tokens verified in the step), fitted online.
+
+    A step's time is from the end of one ``propose`` to the start of the next (the forward pass
+    that verifies the drafts handed out, sampling, scheduling; not the wait for drafts). Steps
+    after an idle gap (no request carried over) are skipped. ``a`` is what a plain step of the
+    running batch costs, ``c`` the verification cost per draft token: what devices need to decide
+    whether speculating pays under the current load (``EdgeStatus``).
+    """
+
+    def __init__(self) -> None:
+        self.line = DiscountedLine(STEP_COST_HALF_LIFE)
+        self._end: float | None = None
+        self._batch: frozenset[str] = frozenset()
+        self._draft_tokens = 0
+
+    def step_started(self, now: float, req_ids: list[str]) -> None:
+        if self._end is not None and not self._batch.isdisjoint(req_ids):
+            self.line.add(self._draft_tokens, now - self._end)
+
+    def step_ended(self, now: float, req_ids: list[str], draft_tokens: int) -> None:
+        self._end, self._batch, self._draft_tokens = now, frozenset(req_ids), draft_tokens
+
+    def status(self, running: int) -> EdgeStatus | None:
+        if self.line.count == 0:
+            return None
+        a, c = self.line.fit()
+        return EdgeStatus(a * 1e3, c * 1e3, running)
 
 
 def request_params(sampling_params: Any, max_gamma: int) -> dict[str, Any]:
@@ -63,6 +96,8 @@ class TsltProposer:
         self._finished: set[str] = set()
         self._committed: dict[str, int] = {}  # request -> committed length sent (-1: unbound)
         self._pending: dict[str, Draft] = {}  # request -> draft handed to the scheduler
+        self.step_cost = StepCost()
+        self._status_at = 0.0
 
     # vLLM's CPU runner calls this with the target model; nothing to load here.
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -77,12 +112,13 @@ class TsltProposer:
         """Draft token ids per request in batch order (empty list: no draft this step)."""
         t0 = time.perf_counter()
         runner = self._runner
+        req_ids = list(runner.input_batch.req_ids)
+        self.step_cost.step_started(t0, req_ids)
         for rid in self._finished:
             self.hub.end_request(rid, "finished")
             self._committed.pop(rid, None)
             self._pending.pop(rid, None)
         self._finished.clear()
-        req_ids = list(runner.input_batch.req_ids)
         bound = []
         for i, rid in enumerate(req_ids):
             if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,
@@ -100,9 +136,22 @@ class TsltProposer:
                 continue
             self._pending[rid] = draft
             out.append(draft.tokens[: self.max_gamma].tolist())
+        self._report_status(t0, len(req_ids))
+        t3 = time.perf_counter()
         self.hub.count("proxy_steps")
-        self.hub.count("proxy_overhead_us", int(((t1 - t0) + (time.perf_counter() - t2)) * 1e6))
+        self.hub.count("proxy_overhead_us", int(((t1 - t0) + (t3 - t2)) * 1e6))
+        self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out))
         return out
+
+    def _report_status(self, now: float, running: int) -> None:
+        interval = self.config.status_interval_s
+        if interval <= 0 or now - self._status_at < interval:
+            return
+        status = self.step_cost.status(running)
+        if status is not None:
+            self._status_at = now
+            self.hub.broadcast_status(status)
+            self.hub.count("status_broadcasts")
 
     def _commit(self, runner: Any, rid: str, i: int, sampled: list[int], num_tokens_no_spec: Any,
                 token_ids_cpu: Any) -> bool:
@@ -139,14 +188,17 @@ class TsltProposer:
         q, alternatives = self._gather(req_ids, metadata)
         if self.config.verifier == "fused":
             return SparseDraftProbs(q.indices, q.probs(), alternatives)
+        if isinstance(q, FloatQ):  # a baseline wire format (benchmarks): dense on the CPU
+            return q.dense(self.vocab_size).to(device)
         from vllm_tslt.kernels.dispatch import auto_scatter_sparse_q
 
         return auto_scatter_sparse_q(q.indices.to(device), q.counts.to(device), self.vocab_size,
                                      quant_bits=q.quant_bits)
 
-    def _gather(self, req_ids: list[str], metadata: Any) -> tuple[SparseQ, torch.Tensor | None]:
+    def _gather(self, req_ids: list[str],
+                metadata: Any) -> tuple[SparseQ | FloatQ, torch.Tensor | None]:
         scheduled = metadata.draft_token_ids.to("cpu", torch.int64)  # [num_draft_tokens]
-        parts: list[SparseQ] = []
+        parts: list[SparseQ | FloatQ] = []
         alts: list[torch.Tensor] = []  # [n, m - 1] per request
         offset = 0
         for rid, n in zip(req_ids, metadata.num_draft_tokens):
@@ -164,7 +216,7 @@ class TsltProposer:
                 parts.append(SparseQ.one_hot(tokens, quant_bits=1))
                 alts.append(torch.empty(n, 0, dtype=torch.int64))
                 self.hub.count("draft_rows_one_hot", n)
-        return SparseQ.concat(parts), _pad_alternatives(alts)
+        return concat_rows(parts), _pad_alternatives(alts)
 
 
 def _pad_alternatives(alts: list[torch.Tensor]) -> torch.Tensor | None:

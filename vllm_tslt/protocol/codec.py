@@ -18,26 +18,36 @@ version, type, field types, sizes against ``DecodeLimits``, index range, counts,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
-import torch
 
+from vllm_tslt.core.float_q import FloatQ
+from vllm_tslt.protocol.baselines import FLOAT_DRAFT_TYPES, decode_float_draft, encode_float_draft
 from vllm_tslt.protocol.errors import (
     ProtocolError,
     Reason,
     expect_fields,
     get_bin,
+    get_float,
     get_int,
     get_str,
     is_int,
+)
+from vllm_tslt.protocol.frame import (
+    MAX_SEQ_LEN,
+    MAX_U32,
+    DecodeLimits,
+    bin_to_ids,
+    ids_to_bin,
+    pack_frame,
+    unpack_frame,
 )
 from vllm_tslt.protocol.messages import (
     PROTOCOL_VERSION,
     Commit,
     Draft,
+    EdgeStatus,
     End,
     Error,
     Handshake,
@@ -47,90 +57,6 @@ from vllm_tslt.protocol.messages import (
 )
 from vllm_tslt.protocol.sparse_payload import decode_sparse_rows, encode_sparse_rows
 
-MAX_U32 = (1 << 32) - 1
-MAX_SEQ_LEN = 1 << 40
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What a peer may send. ``vocab_size`` bounds every token id; the rest bound sizes."""
-
-    vocab_size: int
-    max_k: int = 1024
-    max_gamma: int = 32
-    max_candidates: int = 8
-    max_payload_bytes: int = 1 << 22
-    max_prompt_len: int = 1 << 20
-    max_str_len: int = 512
-    max_params: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_k", "max_gamma", "max_candidates", "max_payload_bytes",
-                     "max_prompt_len", "max_str_len", "max_params"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
-        if self.vocab_size > MAX_U32:
-            raise ValueError(f"DecodeLimits.vocab_size must be <= 2**32 - 1, got {self.vocab_size}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Framing (shared with baselines.py)
-# ----------------------------------------------------------------------------------------------
-
-
-def pack_frame(msg_type: MsgType, fields: list[Any]) -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, int(msg_type), *fields], use_bin_type=True)
-
-
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(Reason.MALFORMED, f"msgpack ext type {code} is not allowed")
-
-
-def unpack_frame(data: bytes, limits: DecodeLimits) -> tuple[int, list[Any]]:
-    """Version-checked ``(type, fields)`` of one frame; sizes bounded before anything is built."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ProtocolError(Reason.MALFORMED, f"expected bytes, got {type(data).__name__}")
-    if len(data) > limits.max_payload_bytes:
-        raise ProtocolError(Reason.TOO_LARGE, f"{len(data)} bytes > max_payload_bytes")
-    try:
-        frame = msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext,
-            max_str_len=limits.max_str_len, max_bin_len=limits.max_payload_bytes,
-            max_array_len=max(limits.max_prompt_len, 64), max_map_len=limits.max_params,
-        )
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises ValueError, FormatError, StackError, UnicodeError, ...
-        raise ProtocolError(Reason.MALFORMED, f"not a msgpack frame: {type(e).__name__}: {e}") from e
-    if not isinstance(frame, list) or len(frame) < 2:
-        raise ProtocolError(Reason.MALFORMED, "frame is not [version, type, ...]")
-    version, msg_type = frame[0], frame[1]
-    if not is_int(version) or version != PROTOCOL_VERSION:
-        raise ProtocolError(Reason.BAD_VERSION, f"peer speaks {version!r}, we speak {PROTOCOL_VERSION}")
-    if not is_int(msg_type):
-        raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type!r}")
-    return msg_type, frame[2:]
-
-
-def ids_to_bin(ids: Any) -> bytes:
-    arr = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() > MAX_U32):
-        raise ValueError("token ids must be in [0, 2**32)")
-    return arr.astype("<u4").tobytes()
-
-
-def bin_to_ids(buf: bytes, what: str, vocab_size: int, max_len: int) -> np.ndarray:
-    if len(buf) % 4:
-        raise ProtocolError(Reason.MALFORMED, f"{what}: {len(buf)} bytes is not a uint32 array")
-    if len(buf) // 4 > max_len:
-        raise ProtocolError(Reason.TOO_LARGE, f"{what}: {len(buf) // 4} ids > {max_len}")
-    ids = np.frombuffer(buf, dtype="<u4").astype(np.int64)
-    if ids.size and ids.max() >= vocab_size:
-        raise ProtocolError(Reason.OUT_OF_RANGE, f"{what}: id {int(ids.max())} >= vocab_size")
-    return ids
-
-
 # ----------------------------------------------------------------------------------------------
 # Messages
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +65,8 @@ def bin_to_ids(buf: bytes, what: str, vocab_size: int, max_len: int) -> np.ndarr
 def encode(msg: Message) -> bytes:
     """Bytes of one frame. Raises ValueError for a message we would refuse to decode ourselves."""
     if isinstance(msg, Draft):
+        if isinstance(msg.q, FloatQ):
+            return encode_float_draft(msg)
         payload, header = encode_sparse_rows(msg.q, msg.tokens, msg.alternatives)
         fields = [msg.request_id, msg.committed_len, msg.prefix_hash, *header, payload]
         return pack_frame(MsgType.DRAFT, fields)
@@ -158,6 +86,8 @@ def encode(msg: Message) -> bytes:
         return pack_frame(MsgType.END, [msg.request_id, msg.reason])
     if isinstance(msg, Error):
         return pack_frame(MsgType.ERROR, [msg.code, msg.message, msg.request_id])
+    if isinstance(msg, EdgeStatus):
+        return pack_frame(MsgType.STATUS, [float(msg.step_ms), float(msg.draft_token_ms), msg.running])
     raise TypeError(f"not a protocol message: {type(msg).__name__}")
 
 
@@ -188,6 +118,13 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
     if msg_type == MsgType.ERROR:
         expect_fields(f, 3, "error")
         return Error(get_str(f[0], "code"), get_str(f[1], "message"), get_str(f[2], "request_id"))
+    if msg_type == MsgType.STATUS:
+        expect_fields(f, 3, "status")
+        return EdgeStatus(get_float(f[0], "step_ms", 0.0, MAX_STATUS_MS),
+                          get_float(f[1], "draft_token_ms", 0.0, MAX_STATUS_MS),
+                          get_int(f[2], "running", 0, MAX_U32))
+    if msg_type in FLOAT_DRAFT_TYPES:
+        return decode_float_draft(msg_type, f, limits)
     raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type}")
 
 
@@ -202,6 +139,8 @@ def _decode_handshake(f: list[Any]) -> Handshake:
                      get_str(f[2], "model_name"), tuple(caps), dict(limits),
                      get_str(f[5], "session_id"))
 
+
+MAX_STATUS_MS = 1e6  # an edge status time beyond this (17 minutes) is a lie
 
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -221,4 +160,5 @@ def _check_params(params: Any, error: Any) -> dict[str, Any]:
     return dict(params)
 
 
-__all__ = ["DecodeLimits", "decode", "encode", "pack_frame", "unpack_frame"]
+__all__ = ["DecodeLimits", "bin_to_ids", "decode", "encode", "ids_to_bin", "pack_frame",
+           "unpack_frame"]

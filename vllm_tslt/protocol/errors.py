@@ -45,6 +45,18 @@ def get_int(x: Any, what: str, lo: int, hi: int) -> int:
     return x
 
 
+def get_float(x: Any, what: str, lo: float, hi: float) -> float:
+    """A msgpack float (ints accepted); NaN/inf -> NON_FINITE, outside [lo, hi] -> OUT_OF_RANGE."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        raise ProtocolError(Reason.MALFORMED, f"{what} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ProtocolError(Reason.NON_FINITE, what)
+    if not lo <= x <= hi:
+        raise ProtocolError(Reason.OUT_OF_RANGE, f"{what}={x} not in [{lo}, {hi}]")
+    return x
+
+
 def get_str(x: Any, what: str) -> str:
     if not isinstance(x, str):
         raise ProtocolError(Reason.MALFORMED, f"{what} must be a str, got {type(x).__name__}")

@@ -19,6 +19,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from vllm_tslt.core.float_q import FloatQ
 from vllm_tslt.core.sparsify import SparseQ
 
 PROTOCOL_VERSION = 1
@@ -31,7 +32,9 @@ class MsgType(IntEnum):
     DRAFT = 4
     END = 5
     ERROR = 6
-    # Baseline encoders (vllm_tslt.protocol.baselines); never accepted by codec.decode.
+    STATUS = 7
+    # Baseline draft formats (vllm_tslt.protocol.baselines); the hub takes them only when its
+    # `wire_formats` option lists them.
     DSD_DRAFT = 16
     TKSLT_DRAFT = 17
 
@@ -82,7 +85,7 @@ class Draft:
     committed_len: int  # length of the sequence the draft was conditioned on
     prefix_hash: int  # prefix_hash(sequence[:committed_len]), uint32
     tokens: torch.Tensor  # [γ] int64
-    q: SparseQ  # γ rows
+    q: SparseQ | FloatQ  # γ rows (FloatQ: a baseline wire format)
     alternatives: torch.Tensor | None = None  # [γ, m - 1] int64
 
     @property
@@ -98,6 +101,21 @@ class Draft:
         if self.alternatives is None:
             return self.tokens.view(-1, 1)
         return torch.cat([self.tokens.view(-1, 1), self.alternatives], dim=1)
+
+
+@dataclass(frozen=True)
+class EdgeStatus:
+    """Edge -> device, a few times a second: what the edge's steps cost now, so the device's
+    adaptive γ and switch-off account for the server's load (docs/protocol.md).
+
+    ``step_ms``: a decode step of the running batch without drafts; ``draft_token_ms``: what each
+    scheduled draft token adds to a step (the verification cost per token); ``running``: requests
+    in the batch. Both times are the edge's running estimates (least squares over recent steps).
+    """
+
+    step_ms: float
+    draft_token_ms: float
+    running: int
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,7 @@ class Error:
     request_id: str = ""
 
 
-Message = Union[Handshake, RequestStart, Commit, Draft, End, Error]  # noqa: UP007
+Message = Union[Handshake, RequestStart, Commit, Draft, End, Error, EdgeStatus]  # noqa: UP007
 
 
 class PrefixHasher:
