@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from vllm_tslt.agent.link import EmulatedLink
 from vllm_tslt.protocol import (
     DecodeLimits,
     End,
@@ -83,8 +84,9 @@ class EdgeClient:
                  reconnect_max_s: float = 5.0, silence_timeout_s: float = 10.0,
                  send_hwm: int = 256, recv_hwm: int = 1024,
                  context: zmq.Context | None = None, curve_secret_key_file: str = "",
-                 curve_server_key_file: str = "") -> None:
+                 curve_server_key_file: str = "", link: EmulatedLink | None = None) -> None:
         self.endpoint = endpoint
+        self.link = link  # an emulated link (benchmarks): frames wait in it as on a real one
         self.hello = hello
         self.limits = limits
         self.handshake_timeout_s = handshake_timeout_s
@@ -131,6 +133,7 @@ class EdgeClient:
             self._open(now)
         if self._sock is None:
             return
+        self._flush_link(now)
         if self._connection_lost():
             self._reset(now, "connection to the edge lost")
             return
@@ -191,6 +194,8 @@ class EdgeClient:
         self.counters["reconnects"] += int(was_ready)
 
     def _close_socket(self) -> None:
+        if self.link is not None:
+            self.link.clear()
         if self._sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disable_monitor()
@@ -212,6 +217,11 @@ class EdgeClient:
     # ------------------------------------------------------------------------------------------
 
     def _send_raw(self, data: bytes) -> bool:
+        if self.link is not None:  # the link sends it when it is due
+            self.link.send(data, time.monotonic())
+            self.counters["bytes_sent"] += len(data)
+            self.counters["messages_sent"] += 1
+            return True
         try:
             self._sock.send(data, zmq.NOBLOCK)  # type: ignore[union-attr]
         except zmq.Again:
@@ -239,18 +249,41 @@ class EdgeClient:
         if self._sock is None:
             time.sleep(max(0.0, min(timeout_s, self._next_attempt - time.monotonic())))
             return []
+        if self.link is not None:
+            due = self.link.next_due()
+            if due is not None:
+                timeout_s = min(timeout_s, max(0.0, due - time.monotonic()))
         if not self._inbox and self._sock.poll(int(timeout_s * 1000)):
             while len(self._inbox) < self.recv_hwm:
                 try:
                     data = self._sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                if self.link is not None:
+                    self.link.arrive(data, time.monotonic())
+                    continue
                 self._receive(data)
                 if self._sock is None:  # reset while handling
                     break
+        if self.link is not None:
+            self._flush_link(time.monotonic())
         out = list(self._inbox)
         self._inbox.clear()
         return out
+
+    def _flush_link(self, now: float) -> None:
+        """Hand over what the emulated link delivers by now: uplink to the socket, downlink to us."""
+        if self.link is None or self._sock is None:
+            return
+        for data in self.link.due_up(now):
+            try:
+                self._sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["send_dropped"] += 1
+        for data in self.link.due_down(now):
+            self._receive(data)
+            if self._sock is None:  # reset while handling
+                return
 
     def _receive(self, data: bytes) -> None:
         now = time.monotonic()

@@ -31,6 +31,7 @@ from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
 from vllm_tslt.agent.client import EdgeClient, HandshakeRefused
 from vllm_tslt.agent.config import AgentConfig
 from vllm_tslt.agent.drafter import CommitMismatch, Drafter, DraftState
+from vllm_tslt.agent.link import EmulatedLink
 from vllm_tslt.protocol import (
     PROTOCOL_VERSION,
     Commit,
@@ -40,6 +41,7 @@ from vllm_tslt.protocol import (
     Error,
     Handshake,
     Message,
+    Pause,
     RequestStart,
 )
 
@@ -72,6 +74,7 @@ class Track:
     ahead: SentDraft | None = None  # a draft sent ahead for the sequence expected next
     last_commit_at: float | None = None
     keys_at_edge: set[int] = field(default_factory=set)  # committed lengths of drafts sent
+    paused: bool = False  # the edge was told not to wait for drafts (speculation off)
 
     def ahead_outstanding(self) -> int:
         return sum(k > self.state.committed_len for k in self.keys_at_edge)
@@ -84,7 +87,8 @@ class Track:
 class DraftRuntime:
     """Owns the edge session and the drafting loop; ``start()`` runs it in a daemon thread."""
 
-    def __init__(self, config: AgentConfig, drafter: Drafter | None = None) -> None:
+    def __init__(self, config: AgentConfig, drafter: Drafter | None = None,
+                 link: EmulatedLink | None = None) -> None:
         self.config = config
         self.drafter = drafter or Drafter(
             config.draft_model, config.device, config.dtype, config.sparsify_config(),
@@ -101,7 +105,7 @@ class DraftRuntime:
             reconnect_max_s=config.reconnect_max_s, silence_timeout_s=config.silence_timeout_s,
             send_hwm=config.send_hwm, recv_hwm=config.recv_hwm,
             curve_secret_key_file=config.curve_secret_key_file,
-            curve_server_key_file=config.curve_server_key_file)
+            curve_server_key_file=config.curve_server_key_file, link=link)
         fixed = None if config.adaptive else int(config.num_draft_tokens)
         self.gamma_ctl = GammaController(AdaptiveConfig(
             gamma_max=config.gamma_cap, fixed_gamma=fixed, min_speedup=config.min_speedup,
@@ -115,7 +119,7 @@ class DraftRuntime:
             "requests": 0, "commits": 0, "drafts_sent": 0, "draft_tokens_sent": 0,
             "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
             "drafts_unused": 0, "accepted_tokens": 0, "rounds": 0, "ahead_sent": 0,
-            "ahead_hits": 0, "chain_matched": 0, "edge_status": 0}
+            "ahead_hits": 0, "chain_matched": 0, "edge_status": 0, "pauses_sent": 0}
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -267,6 +271,9 @@ class DraftRuntime:
         gamma = min(self.gamma_ctl.choose(time.monotonic()), track.max_gamma)
         gamma = track.limit(gamma)
         self.counters["steps_off"] += int(gamma == 0)
+        if gamma == 0 and not track.paused and self.client.send(Pause(track.state.request_id)):
+            track.paused = True  # the edge decodes alone without waiting for us
+            self.counters["pauses_sent"] += 1
         return gamma
 
     # ------------------------------------------------------------------------------------------
@@ -278,6 +285,7 @@ class DraftRuntime:
         draft = self.drafter.draft_message(state, gamma)
         num_bytes = self.client.send(draft)
         if num_bytes:
+            track.paused = False  # any draft resumes waiting at the edge
             track.sent = SentDraft(state.committed_len, draft.tokens.tolist(), time.monotonic(),
                                    num_bytes)
             track.keys_at_edge.add(state.committed_len)
@@ -320,6 +328,7 @@ class DraftRuntime:
         draft = self.drafter.draft_message(track.state, gamma, offset)
         num_bytes = self.client.send(draft)
         if num_bytes:
+            track.paused = False
             track.ahead = SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(),
                                     num_bytes)
             track.keys_at_edge.add(draft.committed_len)

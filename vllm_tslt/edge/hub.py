@@ -37,6 +37,7 @@ from vllm_tslt.protocol import (
     End,
     Error,
     Handshake,
+    Pause,
     PrefixHasher,
     ProtocolError,
     RequestStart,
@@ -73,6 +74,7 @@ class _Request:
     session_id: str
     hasher: PrefixHasher
     drafts: dict[int, Draft] = field(default_factory=dict)  # committed_len -> latest draft
+    paused: bool = False  # the device said it sends no drafts until its next one (Pause)
 
 
 class DraftHub:
@@ -213,6 +215,10 @@ class DraftHub:
         found: dict[str, Draft] = {}
         with self._cond:
             wanted = {rid: p for rid in request_ids if (p := self._expected_locked(rid))}
+            paused = [rid for rid in wanted if self._requests[rid].paused]
+            for rid in paused:  # the device is not drafting for it: no wait, no draft
+                del wanted[rid]
+            self.counters["skipped_paused"] += len(paused)
             sessions = {rid: self._session_of(rid) for rid in wanted}
             responsive = {rid for rid, s in sessions.items() if s.missed < MAX_MISSED_DEADLINES}
             while True:
@@ -367,6 +373,8 @@ class DraftHub:
                 self._strike(router, identity)
         elif isinstance(msg, End) and msg.request_id == "":
             self._close_session(session.session_id, "device said goodbye")
+        elif isinstance(msg, Pause):
+            self._on_pause(session, msg.request_id)
         elif not isinstance(msg, End):
             self.count("invalid_unexpected_type")
             self._strike(router, identity)
@@ -422,6 +430,7 @@ class DraftHub:
             if req is None or req.session_id != session.session_id:
                 self.counters["dropped_unknown_request"] += 1
                 return True
+            req.paused = False  # drafting again: wait for its drafts from now on
             if draft.committed_len < req.hasher.length:
                 self.counters["dropped_late"] += 1
                 return True
@@ -431,6 +440,16 @@ class DraftHub:
                 req.drafts.pop(max(n for n in req.drafts if n != req.hasher.length))
             self._cond.notify_all()
         return True
+
+    def _on_pause(self, session: _Session, request_id: str) -> None:
+        with self._cond:
+            req = self._requests.get(request_id)
+            if req is None or req.session_id != session.session_id:
+                self.counters["dropped_unknown_request"] += 1
+                return
+            req.paused = True
+            self.counters["pauses"] += 1
+            self._cond.notify_all()
 
     def _on_handshake(self, router: zmq.Socket, identity: bytes, hello: Handshake,
                       peer: str = "") -> None:

@@ -53,6 +53,7 @@ from vllm_tslt.protocol.messages import (
     Handshake,
     Message,
     MsgType,
+    Pause,
     RequestStart,
 )
 from vllm_tslt.protocol.sparse_payload import decode_sparse_rows, encode_sparse_rows
@@ -86,6 +87,8 @@ def encode(msg: Message) -> bytes:
         return pack_frame(MsgType.END, [msg.request_id, msg.reason])
     if isinstance(msg, Error):
         return pack_frame(MsgType.ERROR, [msg.code, msg.message, msg.request_id])
+    if isinstance(msg, Pause):
+        return pack_frame(MsgType.PAUSE, [msg.request_id])
     if isinstance(msg, EdgeStatus):
         return pack_frame(MsgType.STATUS, [float(msg.step_ms), float(msg.draft_token_ms), msg.running])
     raise TypeError(f"not a protocol message: {type(msg).__name__}")
@@ -123,6 +126,9 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
         return EdgeStatus(get_float(f[0], "step_ms", 0.0, MAX_STATUS_MS),
                           get_float(f[1], "draft_token_ms", 0.0, MAX_STATUS_MS),
                           get_int(f[2], "running", 0, MAX_U32))
+    if msg_type == MsgType.PAUSE:
+        expect_fields(f, 1, "pause")
+        return Pause(get_str(f[0], "request_id"))
     if msg_type in FLOAT_DRAFT_TYPES:
         return decode_float_draft(msg_type, f, limits)
     raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type}")

@@ -33,6 +33,7 @@ class MsgType(IntEnum):
     END = 5
     ERROR = 6
     STATUS = 7
+    PAUSE = 8
     # Baseline draft formats (vllm_tslt.protocol.baselines); the hub takes them only when its
     # `wire_formats` option lists them.
     DSD_DRAFT = 16
@@ -104,6 +105,16 @@ class Draft:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """Device -> edge: no drafts for this request until the next Draft; do not wait for them.
+
+    Sent when the device's adaptive γ switches speculation off, so the edge decodes the request
+    alone without spending its draft deadline on every step."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class EdgeStatus:
     """Edge -> device, a few times a second: what the edge's steps cost now, so the device's
     adaptive γ and switch-off account for the server's load (docs/protocol.md).
@@ -135,7 +146,7 @@ class Error:
     request_id: str = ""
 
 
-Message = Union[Handshake, RequestStart, Commit, Draft, End, Error, EdgeStatus]  # noqa: UP007
+Message = Union[Handshake, RequestStart, Commit, Draft, End, Error, EdgeStatus, Pause]  # noqa: UP007
 
 
 class PrefixHasher:

@@ -1,0 +1,1 @@
+"""Benchmarks: the link-emulation runner and its report."""
