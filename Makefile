@@ -7,7 +7,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test lint models models-base clean-models
+.PHONY: setup demo test lint models models-base clean-models bench bench-quick
 
 setup:
 	@bash scripts/setup_env.sh
@@ -30,3 +30,11 @@ models: setup
 
 models-base: setup
 	$(PY) -m vllm_tslt.cli build-models --pair base
+
+# The side-by-side benchmark on the base pair (docs/benchmarks/e2e/report.md); ~40 minutes here.
+bench: setup models-base
+	$(PY) scripts/bench.py
+
+# The same in a small grid (under 10 minutes); writes bench-quick/.
+bench-quick: setup models-base
+	$(PY) scripts/bench.py --quick

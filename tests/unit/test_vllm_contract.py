@@ -87,6 +87,16 @@ def test_create_speculative_config_contract():
     assert "custom_class" in str(SpeculativeConfig.__dataclass_fields__["method"].type)
 
 
+def test_colocated_baseline_options_contract():
+    """The benchmark's co-located baseline (vllm_tslt/bench/main.py) asks vLLM's draft_model for
+    probabilistic drafts (q-based acceptance, like ours); the options must exist."""
+    from vllm.config import SpeculativeConfig
+
+    fields = SpeculativeConfig.__dataclass_fields__
+    assert "draft_model" in str(fields["method"].type)
+    assert "probabilistic" in str(fields["draft_sample_method"].type)
+
+
 # --- patches/runner.py and edge/proposer.py -----------------------------------------------------
 
 

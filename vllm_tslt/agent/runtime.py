@@ -119,7 +119,8 @@ class DraftRuntime:
             "requests": 0, "commits": 0, "drafts_sent": 0, "draft_tokens_sent": 0,
             "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
             "drafts_unused": 0, "accepted_tokens": 0, "rounds": 0, "ahead_sent": 0,
-            "ahead_hits": 0, "chain_matched": 0, "edge_status": 0, "pauses_sent": 0}
+            "ahead_hits": 0, "chain_matched": 0, "edge_status": 0, "pauses_sent": 0,
+            "ahead_tokens_sent": 0}
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -333,6 +334,7 @@ class DraftRuntime:
                                     num_bytes)
             track.keys_at_edge.add(draft.committed_len)
             self.counters["ahead_sent"] += 1
+            self.counters["ahead_tokens_sent"] += gamma
 
     def stats(self) -> dict[str, Any]:
         c = self.counters

@@ -142,6 +142,14 @@ def _color(system: str) -> str:
     return f"C{_system_rank(system)[0] % 10}" if system in SYSTEM_ORDER else "C9"
 
 
+def _log_x(ax) -> None:
+    """Log x axis labelled in plain numbers (1, 10, 1,000), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_num(v)))
+
+
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.savefig(path, dpi=110)
     return path
@@ -286,8 +294,8 @@ def _plot_speedup_vs_uplink(records: Sequence[Record], path: pathlib.Path) -> pa
                   for u in ups]
             ax.plot(ups, ys, marker="o", color=_color(key[0]), label=_row_label(key),
                     linestyle="-" if key[1] == "auto" else "--")
-        ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
-        ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", linewidth=1, linestyle=":", label="target-only (1×)")
+        _log_x(ax)
         ax.set_title("no added RTT" if rtt is None else f"RTT {fmt_num(rtt)} ms")
         ax.set_xlabel("uplink (Mbit/s)")
         ax.set_ylabel("speedup vs target-only")
@@ -359,7 +367,7 @@ def _plot_sweep(records: Sequence[Record], path: pathlib.Path) -> pathlib.Path |
                 if label:
                     ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4),
                                 fontsize="x-small")
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("bytes per draft token (log)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

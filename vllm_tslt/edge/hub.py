@@ -221,13 +221,17 @@ class DraftHub:
             self.counters["skipped_paused"] += len(paused)
             sessions = {rid: self._session_of(rid) for rid in wanted}
             responsive = {rid for rid, s in sessions.items() if s.missed < MAX_MISSED_DEADLINES}
+            settled: set[str] = set()  # paused while we waited: nothing more will come
             while True:
                 for rid, (length, phash) in wanted.items():
-                    draft = self._requests[rid].drafts.get(length) if rid in self._requests else None
+                    req = self._requests.get(rid)
+                    draft = req.drafts.get(length) if req is not None else None
                     if draft is not None and draft.prefix_hash == phash:
                         found[rid] = draft
+                    elif req is not None and req.paused:
+                        settled.add(rid)
                 now = time.monotonic()
-                if responsive <= found.keys() or now >= end:
+                if responsive <= found.keys() | settled or now >= end:
                     break
                 self._cond.wait(timeout=end - now)
             for session in {id(s): s for s in sessions.values()}.values():
@@ -237,6 +241,8 @@ class DraftHub:
                 req = self._requests.get(rid)
                 if rid in found:
                     self.counters["drafts_used"] += 1
+                elif rid in settled:
+                    self.counters["skipped_paused"] += 1
                 elif req is not None and req.drafts:  # drafts exist, none for this prefix
                     self.counters["dropped_stale"] += 1
                 else:
@@ -314,7 +320,7 @@ class DraftHub:
                         self._on_frames_guarded(router, [f.bytes for f in frames],
                                                 self._peer_of(frames[-1]))
                 if time.monotonic() - last_sweep > 5.0:
-                    self._expire_idle_sessions()
+                    self._expire_idle_sessions(router)
                     last_sweep = time.monotonic()
         except Exception:  # never let the I/O thread die silently
             logger.exception("TSLT draft hub I/O thread crashed; drafts disabled")
@@ -510,13 +516,17 @@ class DraftHub:
             self._cond.notify_all()
         logger.info("device session %s... closed: %s", session_id[:6], why)
 
-    def _expire_idle_sessions(self) -> None:
+    def _expire_idle_sessions(self, router: zmq.Socket | None = None) -> None:
         now = time.monotonic()
         with self._cond:
-            idle = [s.session_id for s in self._sessions.values()
+            idle = [(s.session_id, s.identity) for s in self._sessions.values()
                     if not s.requests and now - s.last_seen > SESSION_IDLE_TIMEOUT_S]
-        for session_id in idle:
+        for session_id, identity in idle:
             self._close_session(session_id, "idle")
+            if router is not None:  # a connected but idle device must learn it, or its next
+                # requests carry a session id the edge no longer knows and never get drafts
+                self._reply(router, identity, Error("unknown_peer", "session expired after "
+                                                    "being idle; handshake again"))
 
     def _reply(self, router: zmq.Socket, identity: bytes, msg: Any) -> None:
         data = encode(msg)

@@ -24,8 +24,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def vllm_server(model: Path, log_path: Path, speculative: dict | None = None,
                 extra_args: Sequence[str] = (), startup_timeout_s: float = 600,
-                max_model_len: int = 1024) -> Iterator[str]:
-    """Yields the API base URL once `/v1/models` answers; kills the whole process group on exit."""
+                max_model_len: int = 1024, cpus: set[int] | None = None) -> Iterator[str]:
+    """Yields the API base URL once `/v1/models` answers; kills the whole process group on exit.
+
+    ``cpus``: pin the server and every process it starts to these CPUs (benchmarks)."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm_tslt.cli", "serve", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
@@ -35,8 +37,9 @@ def vllm_server(model: Path, log_path: Path, speculative: dict | None = None,
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     with open(log_path, "w") as log:
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout_s

@@ -95,6 +95,7 @@ class TsltProposer:
         self._runner: Any = None
         self._finished: set[str] = set()
         self._committed: dict[str, int] = {}  # request -> committed length sent (-1: unbound)
+        self._max_len: dict[str, int] = {}  # request -> prompt + max_tokens
         self._pending: dict[str, Draft] = {}  # request -> draft handed to the scheduler
         self.step_cost = StepCost()
         self._status_at = 0.0
@@ -117,6 +118,7 @@ class TsltProposer:
         for rid in self._finished:
             self.hub.end_request(rid, "finished")
             self._committed.pop(rid, None)
+            self._max_len.pop(rid, None)
             self._pending.pop(rid, None)
         self._finished.clear()
         bound = []
@@ -168,13 +170,17 @@ class TsltProposer:
                 self.hub.count("requests_without_session")
             sent = len(prompt) if ok else -1
             self._committed[rid] = sent
+            max_tokens = getattr(params, "max_tokens", None)
+            self._max_len[rid] = len(prompt) + (max_tokens if isinstance(max_tokens, int)
+                                                else 1 << 62)
         if sent < 0 or not sampled:  # unbound, or a partial prefill produced no token
             return False
         length = int(num_tokens_no_spec[i])
         if length > sent:
             self.hub.commit(rid, length, token_ids_cpu[i, sent:length].tolist())
             self._committed[rid] = length
-        return True
+        # A request that reached max_tokens ends with this step: no draft to wait for.
+        return length < self._max_len.get(rid, 1 << 62)
 
     def draft_probs(self, req_ids: list[str], metadata: Any,
                     device: torch.device) -> torch.Tensor | SparseDraftProbs:
