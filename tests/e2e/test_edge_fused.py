@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def edge(tiny_pair, tmp_path_factory):
     hub_port = free_port()
     spec = {"method": "tslt", "num_speculative_tokens": 4, "bind": f"tcp://127.0.0.1:{hub_port}",
-            "draft_deadline_ms": common.DEADLINE_MS, "verifier": "fused"}
+            "draft_deadline_ms": common.DEADLINE_MS, "verifier": "fused",
+            "wire_formats": ["tslt", "dsd-fp16", "tkslt"]}
     log = tmp_path_factory.mktemp("edge-fused") / "vllm.log"
     with vllm_server(tiny_pair.target, log, spec) as url:
         yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
@@ -44,3 +45,8 @@ def test_fused_multi_candidate_samples_follow_the_target(edge, client, device, r
     common.test_temperature_one_samples_follow_the_target(edge, client, device, reference,
                                                           tiny_pair)
     assert metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] > before
+
+
+@pytest.mark.parametrize("wire", ["dsd-fp16", "tkslt"])
+def test_baseline_wire_formats_through_the_fused_verifier(edge, tiny_pair, reference, wire):
+    common.agent_with_wire_format_matches_target_greedy(edge, tiny_pair, reference, wire)

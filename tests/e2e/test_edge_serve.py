@@ -21,7 +21,7 @@ DEADLINE_MS = 3000  # generous: the scripted device recomputes every draft from 
 def edge(tiny_pair, tmp_path_factory):
     hub_port = free_port()
     spec = {"method": "tslt", "num_speculative_tokens": 4, "bind": f"tcp://127.0.0.1:{hub_port}",
-            "draft_deadline_ms": DEADLINE_MS}
+            "draft_deadline_ms": DEADLINE_MS, "wire_formats": ["tslt", "dsd-fp32"]}
     log = tmp_path_factory.mktemp("edge") / "vllm.log"
     with vllm_server(tiny_pair.target, log, spec) as url:
         yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
@@ -245,3 +245,40 @@ def test_real_agent_through_its_openai_front(edge, tiny_pair, reference):
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         stats = agent.stats()
     assert stats["draft_tokens_sent"] > 0 and stats["accepted_tokens"] > 0, stats
+
+
+def agent_with_wire_format_matches_target_greedy(edge, tiny_pair, reference, wire: str) -> None:
+    """A real device runtime sending a baseline wire format: drafts are verified (the dense or
+    top-K float q̂ reaches the verifier) and greedy output is the target's."""
+    from openai import OpenAI
+
+    from vllm_tslt.agent.config import AgentConfig
+    from vllm_tslt.agent.runtime import DraftRuntime
+
+    config = AgentConfig(draft_model=str(tiny_pair.draft), edge=edge["hub"], api=edge["url"],
+                         listen="127.0.0.1:0", num_draft_tokens=4, top_k=16, wire_format=wire)
+    runtime = DraftRuntime(config)
+    runtime.start()
+    try:
+        assert runtime.wait_session(60), runtime.failure
+        client = OpenAI(base_url=edge["url"] + "/v1", api_key="unused", timeout=300)
+        model = client.models.list().data[0].id
+        before = metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"]
+        for prompt in PROMPTS[:2]:
+            out = client.completions.create(
+                model=model, prompt=prompt, max_tokens=24, temperature=0,
+                extra_body={"vllm_xargs": {"tslt_session": runtime.session_id}})
+            assert out.choices[0].text == _greedy(reference, prompt, 24), (wire, prompt)
+        sampled = client.completions.create(
+            model=model, prompt=PROMPTS[2], max_tokens=24, temperature=1.0,
+            extra_body={"vllm_xargs": {"tslt_session": runtime.session_id}})
+        assert sampled.choices[0].text
+        assert metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] > before
+        stats = runtime.stats()
+        assert stats["draft_tokens_sent"] > 0 and stats["client"]["bytes_sent"] > 0
+    finally:
+        runtime.stop()
+
+
+def test_dsd_fp32_drafts_through_the_scatter_verifier(edge, tiny_pair, reference):
+    agent_with_wire_format_matches_target_greedy(edge, tiny_pair, reference, "dsd-fp32")

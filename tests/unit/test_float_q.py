@@ -16,7 +16,15 @@ from vllm_tslt.core.float_q import (
     sample_from_float,
 )
 from vllm_tslt.core.sparsify import SparseQ, SparsifyConfig, sparsify
-from vllm_tslt.protocol import DecodeLimits, Draft, EdgeStatus, ProtocolError, Reason, decode, encode
+from vllm_tslt.protocol import (
+    DecodeLimits,
+    Draft,
+    EdgeStatus,
+    ProtocolError,
+    Reason,
+    decode,
+    encode,
+)
 
 pytestmark = pytest.mark.unit
 V = 256

@@ -65,6 +65,9 @@ class Plan:
     sweep_p: tuple[float, ...]
     sweep_m: tuple[int, ...]
     devices: tuple[int, ...]
+    sweep_requests: int = 2  # the sweep compares acceptance: more tokens per cell
+    sweep_max_tokens: int = 32
+    device_requests: int = 2  # per device in the devices experiment
     downlink_mbps: float = 100.0
     temperature: float = 1.0
     fast_link: LinkSpec = field(default_factory=lambda: LinkSpec(100.0, 100.0, 5.0))
@@ -75,7 +78,8 @@ class Plan:
             return Plan(True, (1.0, 10.0, 100.0), (20.0,), ("4", "auto"), 2, 32,
                         (8, 32), (0.9,), (2,), (1, 4))
         return Plan(False, (1.0, 5.0, 10.0, 25.0, 100.0), (5.0, 20.0, 50.0), ("4", "auto"), 3, 48,
-                    (4, 8, 16, 32, 64), (0.8, 0.9, 0.95, 0.99), (2, 4), (1, 4, 16))
+                    (4, 8, 16, 32, 64), (0.8, 0.9, 0.95, 0.99), (2, 4), (1, 4, 16),
+                    sweep_requests=6, sweep_max_tokens=64, device_requests=2)
 
 
 class Bench:
@@ -94,7 +98,9 @@ class Bench:
         from vllm_tslt.edge.launch import scrape_metrics
 
         plan = self.plan
-        requests = requests or plan.requests
+        max_tokens = plan.sweep_max_tokens if experiment == "sweep" else plan.max_tokens
+        requests = requests or {"sweep": plan.sweep_requests,
+                                "devices": plan.device_requests}.get(experiment, plan.requests)
         url = self.urls["colocated" if system is COLOCATED else
                         "target" if system.wire is None else "edge"]
         rtt_s = (link.rtt_ms if link else 0.0) / 1e3
@@ -109,8 +115,12 @@ class Bench:
             def device(i: int) -> None:
                 session = runtimes[i].session_id if runtimes else None
                 for j in range(requests):
-                    r = _one_request(url, self.model, PROMPTS[(i + j) % len(PROMPTS)],
-                                     plan.max_tokens, plan.temperature, session, rtt_s)
+                    try:
+                        r = _one_request(url, self.model, PROMPTS[(i + j) % len(PROMPTS)],
+                                         max_tokens, plan.temperature, session, rtt_s)
+                    except Exception as e:  # counted in the record; the run goes on
+                        logger.error("%s: request failed: %s", system.name, e)
+                        continue
                     with lock:
                         results.append(r)
 
@@ -128,6 +138,8 @@ class Bench:
         # Drafts sent ahead (for the sequence expected next) cost uplink bytes too.
         sent_tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] for s in stats)
         sent_bytes = sum(s["client"]["bytes_sent"] for s in stats)
+        if not results:
+            raise RuntimeError(f"{system.name}: every request of the cell failed (see the log)")
         tps = [r["tokens"] / r["latency"] for r in results]
         gamma_snap = stats[0]["gamma"] if stats else {}
         rec = {
@@ -150,7 +162,8 @@ class Bench:
             "edge_step_ms": gamma_snap.get("target_step_ms"),
             "edge_verify_ms_per_token": gamma_snap.get("edge_verify_ms_per_token"),
             "speculation_paused_steps": sum(s["steps_off"] for s in stats) if stats else None,
-            "requests": len(results), "errors": requests * num_devices - len(results),
+            "requests": len(results), "max_tokens": max_tokens,
+            "errors": requests * num_devices - len(results),
             "wall_s": wall,
         }
         if system is TARGET_ONLY:
