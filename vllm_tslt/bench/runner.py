@@ -77,9 +77,9 @@ class Plan:
         if quick:
             return Plan(True, (1.0, 10.0, 100.0), (20.0,), ("4", "auto"), 2, 32,
                         (8, 32), (0.9,), (2,), (1, 4))
-        return Plan(False, (1.0, 5.0, 10.0, 25.0, 100.0), (5.0, 20.0, 50.0), ("4", "auto"), 3, 48,
+        return Plan(False, (1.0, 5.0, 10.0, 25.0, 100.0), (5.0, 20.0, 50.0), ("4", "auto"), 2, 40,
                     (4, 8, 16, 32, 64), (0.8, 0.9, 0.95, 0.99), (2, 4), (1, 4, 16),
-                    sweep_requests=6, sweep_max_tokens=64, device_requests=2)
+                    sweep_requests=4, sweep_max_tokens=64, device_requests=1)
 
 
 class Bench:
