@@ -104,3 +104,22 @@ def test_config_validation_names_the_field():
         AdaptiveConfig(gamma_max=0)
     with pytest.raises(ValueError, match="fixed_gamma"):
         AdaptiveConfig(gamma_max=4, fixed_gamma=5)
+
+
+def test_measured_rate_overrides_an_optimistic_model():
+    """Rounds that look short (drafts sent ahead) but deliver fewer tokens per second than the
+    edge alone: the measured speedup switches speculation off; a good probe switches it back."""
+    ctl = GammaController(AdaptiveConfig(gamma_max=4, probe_interval_s=1.0))
+    ctl.observe_edge_status(0.010, 0.0)  # the edge's plain step: 10 ms
+    for _ in range(20):
+        ctl.observe_round(4, 3, 400, 0.011)  # the model sees fast, well-accepted rounds
+        ctl.observe_interval(1, 0.030)  # ... but each commit brings 1 token per 30 ms
+    assert ctl.best_gamma()[1] > 1.5  # the model alone would speculate
+    assert ctl.measured_speedup() == pytest.approx(1 / 3, rel=1e-6)
+    assert ctl.choose(now=100.0) == 4  # the first call after the switch lets a probe through
+    ctl.observe_interval(1, 0.030)  # the probe's interval: still slow
+    assert ctl.choose(now=100.1) == 0 and not ctl.enabled
+    assert ctl.choose(now=101.2) == 4  # next probe
+    ctl.observe_interval(5, 0.010)  # the link got better: 5 tokens in 10 ms
+    assert ctl.measured_speedup() > 1.05  # one probe weighs as much as the old evidence
+    assert ctl.choose(now=101.3) == 4 and ctl.enabled

@@ -13,7 +13,11 @@ and a round takes (device drafting not hidden by proactive drafting, then the li
 where h is the proactive hit rate (the next draft was ready when the commit came) and c_v the
 edge's verification cost per draft token. The edge alone emits one token per target step t_step,
 so the speedup is S(γ) = E(γ) · t_step / T(γ). The edge reports t_step and c_v for its current
-load (``EdgeStatus``, a few times a second); plain steps seen without a draft also feed t_step. We pick
+load (``EdgeStatus``, a few times a second); plain steps seen without a draft also feed t_step.
+
+The model can be optimistic (a draft sent ahead makes its round look short; its misses cost whole
+round trips), so speculation also stays on only while the *measured* speedup — tokens per second of
+the requests being drafted for, times t_step — is at least min_speedup. We pick
 γ* = argmax S over 1..γ_max (a direct search instead of TK-SLT's Lambert-W closed form, which assumes
 the same cost model without the bytes term) and switch speculation off (γ = 0, the edge decodes alone)
 when S(γ*) < min_speedup. While off, one probe round every ``probe_interval_s`` refreshes α and r, so
@@ -33,6 +37,7 @@ from vllm_tslt.core.estimators import DiscountedLine, Ewma
 logger = logging.getLogger(__name__)
 
 PROBE_KEEP = 0.5  # a probe round's observation discounts older evidence by this much more
+MIN_INTERVALS = 4  # commit intervals while speculating before the measured speedup is trusted
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -90,10 +95,17 @@ class GammaController:
         self.bytes_per_token = Ewma(cfg.half_life)  # b1
         self.hit_rate = Ewma(cfg.half_life)
         self.link = LinkModel(cfg.half_life)
+        # What speculating actually delivers: tokens and seconds per commit interval while a draft
+        # was requested (ratio of means). Checks the model, which can be optimistic (e.g. drafts
+        # sent ahead make rounds look short while misses cost whole round trips).
+        self.spec_tokens = Ewma(cfg.half_life)
+        self.spec_seconds = Ewma(cfg.half_life)
+        self.spec_intervals = 0
         self.rounds = 0
         self.enabled = True
         self._last_probe = -math.inf
         self._probing = False
+        self._probe_pending = False  # a probe was let through: its interval replaces the old ones
         self.gamma = cfg.fixed_gamma or min(4, cfg.gamma_max)
 
     # -- observations ------------------------------------------------------------------------
@@ -126,6 +138,28 @@ class GammaController:
         step. Under load both grow, and speculation stops paying sooner."""
         self.target_step_s.add(step_s)
         self.verify_s_per_token = draft_token_s
+
+    def observe_interval(self, tokens: int, seconds: float) -> None:
+        """A commit interval of a request we were drafting for: ``tokens`` emitted in ``seconds``.
+        A probe's interval weighs as much as all older evidence: the link or load may have changed."""
+        seconds = max(seconds, 1e-6)
+        if self._probe_pending and self.spec_tokens.value is not None:
+            self._probe_pending = False
+            self.spec_tokens.value = PROBE_KEEP * self.spec_tokens.value + (1 - PROBE_KEEP) * tokens
+            self.spec_seconds.value = (PROBE_KEEP * self.spec_seconds.value  # type: ignore[operator]
+                                       + (1 - PROBE_KEEP) * seconds)
+        else:
+            self.spec_tokens.add(float(tokens))
+            self.spec_seconds.add(seconds)
+        self.spec_intervals += 1
+
+    def measured_speedup(self) -> float | None:
+        """Tokens per second while speculating × the edge's plain step time; None until known."""
+        t_step, tok, sec = (self.target_step_s.value, self.spec_tokens.value,
+                            self.spec_seconds.value)
+        if t_step is None or tok is None or sec is None or self.spec_intervals < MIN_INTERVALS:
+            return None
+        return tok / sec * t_step
 
     def observe_proactive(self, hit: bool) -> None:
         self.hit_rate.add(1.0 if hit else 0.0)
@@ -162,31 +196,39 @@ class GammaController:
         if self.cfg.fixed_gamma is not None:
             return self.cfg.fixed_gamma
         gamma, speedup = self.best_gamma()
-        pays = speedup is None or speedup >= self.cfg.min_speedup
+        measured = self.measured_speedup()
+        pays = ((speedup is None or speedup >= self.cfg.min_speedup)
+                and (measured is None or measured >= self.cfg.min_speedup))
         if pays != self.enabled:
-            logger.info("speculation %s: alpha=%.2f predicted speedup %s at gamma=%d",
+            logger.info("speculation %s: alpha=%.2f predicted speedup %s at gamma=%d, measured %s",
                         "on" if pays else "off", self.alpha,
-                        "n/a" if speedup is None else f"{speedup:.2f}", gamma)
+                        "n/a" if speedup is None else f"{speedup:.2f}", gamma,
+                        "n/a" if measured is None else f"{measured:.2f}")
             self.enabled = pays
         self.gamma = gamma
         if pays:
             return gamma
         if now - self._last_probe >= self.cfg.probe_interval_s:
             self._last_probe = now
-            self._probing = True
-            return gamma  # probe: one round to refresh α and the round time
+            self._probing = self._probe_pending = True
+            return gamma  # probe: one round to refresh α, the round time and the measured rate
         return 0
 
     def snapshot(self) -> dict[str, float | int | bool | None]:
         gamma, speedup = self.best_gamma()
         return {"alpha": round(self.alpha, 4), "gamma": gamma, "enabled": self.enabled,
                 "predicted_speedup": None if speedup is None else round(speedup, 3),
+                "measured_speedup": _round(self.measured_speedup()),
                 "draft_ms_per_token": _ms(self.draft_s_per_token.value),
                 "target_step_ms": _ms(self.target_step_s.value),
                 "edge_verify_ms_per_token": _ms(self.verify_s_per_token),
                 "round_ms_at_gamma": _ms(self.round_time(gamma)),
                 "uplink_bytes_per_s": self.link.rate_bytes_per_s,
                 "proactive_hit_rate": self.hit_rate.value, "rounds": self.rounds}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -224,9 +224,12 @@ class DraftRuntime:
         sent, state = track.sent, track.state
         used = sent is not None and sent.committed_len == state.committed_len and \
             self._observe_round(sent, msg.new_tokens, now)
-        if not used and track.last_commit_at is not None and len(msg.new_tokens) == 1:
-            # The edge decoded this step alone: the target-only step time we compare against.
-            self.gamma_ctl.observe_target_step(now - track.last_commit_at)
+        if track.last_commit_at is not None:
+            if track.gamma:  # we were drafting for this interval: what did it deliver?
+                self.gamma_ctl.observe_interval(len(msg.new_tokens), now - track.last_commit_at)
+            elif not used and len(msg.new_tokens) == 1:
+                # The edge decoded this step alone: the target-only step time we compare against.
+                self.gamma_ctl.observe_target_step(now - track.last_commit_at)
         try:
             matched = self.drafter.commit(state, msg.committed_len, msg.new_tokens)
         except CommitMismatch as e:
