@@ -108,8 +108,14 @@ def test_model_runner_hooks_contract():
     assert list(propose)[:3] == ["self", "scheduler_output", "sampled_token_ids"]
     probs = inspect.signature(GPUModelRunner._get_spec_decode_draft_probs).parameters
     assert list(probs) == ["self", "spec_decode_metadata"]
-    # the CPU runner inherits both (our wrappers sit on GPUModelRunner)
-    for name in ("propose_draft_token_ids", "_get_spec_decode_draft_probs"):
+    update = inspect.signature(GPUModelRunner._update_states).parameters
+    assert list(update) == ["self", "scheduler_output"]
+    # Called before execute_model's early return for a step with nothing to compute.
+    src_exec = inspect.getsource(GPUModelRunner.execute_model)
+    assert src_exec.index("self._update_states(scheduler_output)") < src_exec.index(
+        "EMPTY_MODEL_RUNNER_OUTPUT")
+    # the CPU runner inherits all three (our wrappers sit on GPUModelRunner)
+    for name in ("propose_draft_token_ids", "_get_spec_decode_draft_probs", "_update_states"):
         assert name not in CPUModelRunner.__dict__
     src = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
     assert 'spec_config.method == "custom_class"' in src

@@ -93,7 +93,6 @@ class TsltProposer:
                             max_gamma=self.max_gamma).start()
         self.stats = StatsWriter(self.hub, self.config.stats_path or None).start()
         self._runner: Any = None
-        self._finished: set[str] = set()
         self._committed: dict[str, int] = {}  # request -> committed length sent (-1: unbound)
         self._max_len: dict[str, int] = {}  # request -> prompt + max_tokens
         self._pending: dict[str, Draft] = {}  # request -> draft handed to the scheduler
@@ -106,7 +105,15 @@ class TsltProposer:
 
     def bind_step(self, runner: Any, scheduler_output: Any) -> None:
         self._runner = runner
-        self._finished |= set(scheduler_output.finished_req_ids or ())
+
+    def end_requests(self, req_ids: Any) -> None:
+        """vLLM finished or aborted these requests (called from every step's state update, also
+        from a step with nothing to compute, so the last request of a burst is freed too)."""
+        for rid in req_ids or ():
+            self.hub.end_request(rid, "finished")
+            self._committed.pop(rid, None)
+            self._max_len.pop(rid, None)
+            self._pending.pop(rid, None)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any,
                 token_ids_cpu: Any, slot_mappings: Any = None) -> list[list[int]]:
@@ -115,12 +122,6 @@ class TsltProposer:
         runner = self._runner
         req_ids = list(runner.input_batch.req_ids)
         self.step_cost.step_started(t0, req_ids)
-        for rid in self._finished:
-            self.hub.end_request(rid, "finished")
-            self._committed.pop(rid, None)
-            self._max_len.pop(rid, None)
-            self._pending.pop(rid, None)
-        self._finished.clear()
         bound = []
         for i, rid in enumerate(req_ids):
             if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,

@@ -2,10 +2,13 @@
 
 - `propose_draft_token_ids`: vLLM calls our proposer's `propose()` without request ids or the
   scheduler output; the wrapper binds both to the proposer first, then runs vLLM's own method.
+- `_update_states`: runs at the start of every step, also one with nothing to compute (where
+  `propose_draft_token_ids` is not called): the wrapper hands the step's finished request ids to
+  the proposer, so the last request of a burst is freed at once.
 - `_get_spec_decode_draft_probs`: the only way draft probabilities reach vLLM's rejection sampler;
   the wrapper returns the devices' sparse q̃ for exactly the drafts vLLM scheduled (dense, "scatter"
   verifier) or a `SparseDraftProbs` handle for the fused sparse verifier.
-Both call the original untouched when the drafter is not ours.
+Each calls the original untouched when the drafter is not ours.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ def _wrap_propose(original):
     return propose_draft_token_ids
 
 
+def _wrap_update_states(original):
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        if _is_tslt(self):
+            self.drafter.end_requests(scheduler_output.finished_req_ids)
+        return result
+
+    return _update_states
+
+
 def _wrap_draft_probs(original):
     @functools.wraps(original)
     def _get_spec_decode_draft_probs(self, spec_decode_metadata):
@@ -46,6 +60,7 @@ def _wrap_draft_probs(original):
 
 PATCHES = (
     Patch(RUNNER, "propose_draft_token_ids", "0.32.0", _wrap_propose),
+    Patch(RUNNER, "_update_states", "0.32.0", _wrap_update_states),
     Patch(RUNNER, "_get_spec_decode_draft_probs", "0.32.0", _wrap_draft_probs),
 )
 
