@@ -29,6 +29,7 @@ NULL = "—"
 SYSTEM_ORDER = (
     "target-only",
     "colocated draft_model",
+    "tslt edge, no drafts",
     "DSD fp32",
     "DSD fp16",
     "TK-SLT",
@@ -37,7 +38,7 @@ SYSTEM_ORDER = (
     "TSLT multi-candidate",
 )
 # Systems that never draft: one measurement serves every γ table.
-NON_SPECULATIVE = frozenset({"target-only"})
+NON_SPECULATIVE = frozenset({"target-only", "tslt edge, no drafts"})
 EXPERIMENTS = ("links", "sweep", "devices")
 
 READING = (

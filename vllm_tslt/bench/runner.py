@@ -40,10 +40,14 @@ class System:
     top_k: int | None = None
     top_p: float | None = None
     candidates: int = 1
+    server: str = "edge"  # which vLLM server: "target", "colocated" or "edge"
 
 
-TARGET_ONLY = System("target-only")
-COLOCATED = System("colocated draft_model")
+TARGET_ONLY = System("target-only", server="target")
+COLOCATED = System("colocated draft_model", server="colocated")
+# The TSLT edge serving requests that name no device: what vLLM costs with the speculative config
+# alone (custom_class proposer, no async scheduling) -- the floor for adaptive γ with speculation off.
+EDGE_ALONE = System("tslt edge, no drafts", server="edge")
 DSD32 = System("DSD fp32", "dsd-fp32")
 DSD16 = System("DSD fp16", "dsd-fp16")
 TKSLT = System("TK-SLT", "tkslt", top_k=16)
@@ -101,8 +105,7 @@ class Bench:
         max_tokens = plan.sweep_max_tokens if experiment == "sweep" else plan.max_tokens
         requests = requests or {"sweep": plan.sweep_requests,
                                 "devices": plan.device_requests}.get(experiment, plan.requests)
-        url = self.urls["colocated" if system is COLOCATED else
-                        "target" if system.wire is None else "edge"]
+        url = self.urls[system.server]
         rtt_s = (link.rtt_ms if link else 0.0) / 1e3
         runtimes = [self._runtime(system, link, gamma) for _ in range(num_devices)] \
             if system.wire else []
@@ -153,8 +156,9 @@ class Bench:
             "experiment": experiment, "system": system.name, "wire": system.wire,
             "uplink_mbps": link.uplink_mbps if link else None,
             "downlink_mbps": link.downlink_mbps if link else None,
-            "rtt_ms": link.rtt_ms if link else None, "gamma": gamma if system.wire or
-            system is COLOCATED else None, "num_devices": num_devices,
+            "rtt_ms": link.rtt_ms if link else None,
+            "gamma": gamma if system.wire or system is COLOCATED else None,
+            "num_devices": num_devices,
             "top_k": system.top_k, "top_p": system.top_p, "candidates": system.candidates,
             "bytes_per_draft_token": sent_bytes / sent_tokens if sent_tokens else None,
             "draft_tokens_sent": sent_tokens,
@@ -281,6 +285,7 @@ def cells(plan: Plan) -> list[tuple[str, System, LinkSpec | None, str, int]]:
     for rtt in plan.rtts:
         out.append(("links", TARGET_ONLY, LinkSpec(100.0, plan.downlink_mbps, rtt), "-", 1))
         out.append(("links", COLOCATED, LinkSpec(100.0, plan.downlink_mbps, rtt), "4", 1))
+        out.append(("links", EDGE_ALONE, LinkSpec(100.0, plan.downlink_mbps, rtt), "-", 1))
         for up in plan.uplinks:
             link = LinkSpec(up, plan.downlink_mbps, rtt)
             for gamma in plan.gammas:
@@ -295,6 +300,7 @@ def cells(plan: Plan) -> list[tuple[str, System, LinkSpec | None, str, int]]:
     for n in plan.devices:
         out.append(("devices", TARGET_ONLY, fast, "-", n))
         out.append(("devices", COLOCATED, fast, "4", n))
+        out.append(("devices", EDGE_ALONE, fast, "-", n))
         out += [("devices", s, fast, g, n) for s, g in ((TSLT_P, "4"), (TSLT_P, "auto"),
                                                           (DSD16, "4"))]
     return out
