@@ -226,6 +226,9 @@ def _notes(records: list[dict], plan: Plan) -> list[str]:
         "few hundred draft tokens per cell (sampling error of several points). The exact "
         "truncated-vs-untruncated comparison on 8192 held-out positions is docs/theory.md "
         "(base: untruncated 0.786, TSLT top-p 0.95 at 12 bits 0.774).",
+        "Devices experiment: every emulated device drafts on the same device CPU(s), so with many "
+        "devices their drafting limits TSLT and DSD too, not only the edge; the edge's own figures "
+        "(plain step, verification per draft token) are what carries over to real deployments.",
     ]
     dev = [r for r in records if r["experiment"] == "devices" and r["system"] == "TSLT top-p"
            and r["gamma"] == "4"]
