@@ -58,6 +58,16 @@ def _verified(edge) -> float:
     return scrape_metrics(edge["url"]).get(VERIFIED, 0.0)
 
 
+def _verified_above(edge, before: float, timeout_s: float = 3.0) -> bool:
+    """True once the counter exceeds ``before`` (the worker writes its counters every 0.5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while _verified(edge) <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _request_in_background(edge, session: str, **kwargs) -> tuple[threading.Thread, dict]:
     result: dict = {}
 
@@ -127,7 +137,7 @@ def test_sampled_request_completes_and_a_new_device_drafts_again(edge, tiny_pair
             model=edge["model"], prompt="def main():\n", max_tokens=32, temperature=0,
             extra_body={"vllm_xargs": {"tslt_session": session}})
         assert out.choices[0].text
-        assert _verified(edge) > before, "the new device's drafts were not verified"
+        assert _verified_above(edge, before), "the new device's drafts were not verified"
     finally:
         fresh.kill()
 
