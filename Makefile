@@ -31,10 +31,10 @@ models: setup
 models-base: setup
 	$(PY) -m vllm_tslt.cli build-models --pair base
 
-# The side-by-side benchmark on the base pair (docs/benchmarks/e2e/report.md); ~40 minutes here.
+# The side-by-side benchmark on the base pair (docs/benchmarks/e2e/report.md); ~15 minutes here.
 bench: setup models-base
 	$(PY) scripts/bench.py
 
-# The same in a small grid (under 10 minutes); writes bench-quick/.
+# The same in a small grid (~4 minutes here); writes bench-quick/.
 bench-quick: setup models-base
 	$(PY) scripts/bench.py --quick
