@@ -48,21 +48,24 @@ def test_round_trip_gives_the_edge_the_devices_distribution(wire: str) -> None:
     assert (got.q.indices[:, 1:] > got.q.indices[:, :-1]).all()  # ascending
 
 
+def _chi_square_p(q: FloatQ, draws: torch.Tensor) -> float:
+    idx = q.indices[0].long()
+    observed = torch.stack([(draws == i).sum() for i in idx]).double()
+    assert int(observed.sum()) == draws.numel()  # every draw is in the support
+    expected = q.probs()[0].double() * draws.numel()
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
 def test_sampling_follows_q_hat() -> None:
-    """200k draws from a TK-SLT row: chi-square p > 1e-4 against q̂, never a zero-mass token."""
+    """200k draws from a TK-SLT row: chi-square p > 1e-4 against q̂, never a zero-mass token; a
+    deliberately wrong sampler (from q̂ sharpened to q̂², a plausible temperature slip) is rejected
+    by the same test."""
     _, q = baseline_then_sample(_logits(1, seed=3), SparsifyConfig(), "tkslt", 8,
                                 torch.rand(1, dtype=torch.float64))
     u = torch.rand(1, 200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    draws = sample_from_float(q, u)[0]
-    idx = q.indices[0].long()
-    observed = torch.stack([(draws == i).sum() for i in idx]).double()
-    assert int(observed.sum()) == 200_000  # every draw is in the support
-    expected = q.probs()[0].double() * 200_000
-    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-4
-    # Negative control: the unrounded softmax is not what is sent, and the test can tell (here a
-    # distribution differing from q̂ by a visible shift of mass).
-    wrong = expected.roll(1)
-    assert chisquare(observed.numpy(), wrong.numpy()).pvalue < 1e-10
+    assert _chi_square_p(q, sample_from_float(q, u)[0]) > 1e-4
+    wrong = FloatQ(q.indices, q.probs() ** 2, "tkslt")
+    assert _chi_square_p(q, sample_from_float(wrong, u)[0]) < 1e-10
 
 
 def test_zero_mass_tokens_are_never_drawn() -> None:

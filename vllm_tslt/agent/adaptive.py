@@ -142,15 +142,10 @@ class GammaController:
     def observe_interval(self, tokens: int, seconds: float) -> None:
         """A commit interval of a request we were drafting for: ``tokens`` emitted in ``seconds``.
         A probe's interval weighs as much as all older evidence: the link or load may have changed."""
-        seconds = max(seconds, 1e-6)
-        if self._probe_pending and self.spec_tokens.value is not None:
-            self._probe_pending = False
-            self.spec_tokens.value = PROBE_KEEP * self.spec_tokens.value + (1 - PROBE_KEEP) * tokens
-            self.spec_seconds.value = (PROBE_KEEP * self.spec_seconds.value  # type: ignore[operator]
-                                       + (1 - PROBE_KEEP) * seconds)
-        else:
-            self.spec_tokens.add(float(tokens))
-            self.spec_seconds.add(seconds)
+        weight = 1 - PROBE_KEEP if self._probe_pending else None
+        self._probe_pending = False
+        self.spec_tokens.add(float(tokens), weight)
+        self.spec_seconds.add(max(seconds, 1e-6), weight)
         self.spec_intervals += 1
 
     def measured_speedup(self) -> float | None:

@@ -30,7 +30,7 @@ import torch
 
 from vllm_tslt.core.float_q import FloatQ, baseline_then_sample
 from vllm_tslt.core.rng import position_uniforms
-from vllm_tslt.core.sparsify import PAD_ID, SparseQ, SparsifyConfig, sparsify_then_sample
+from vllm_tslt.core.sparsify import SparseQ, SparsifyConfig, sparsify_then_sample
 from vllm_tslt.protocol.messages import Draft, PrefixHasher, prefix_hash
 
 logger = logging.getLogger(__name__)
@@ -211,13 +211,7 @@ class Drafter:
         if self.wire_format != "tslt":
             q = FloatQ.from_rows(rows, self.wire_format)
         else:
-            width = max(int(idx.numel()) for idx, _ in rows)
-            indices = torch.full((gamma, width), PAD_ID, dtype=torch.int32)
-            counts = torch.zeros((gamma, width), dtype=torch.int32)
-            for j, (idx, cnt) in enumerate(rows):
-                indices[j, : idx.numel()] = idx
-                counts[j, : cnt.numel()] = cnt
-            q = SparseQ(indices, counts, state.sparsify.quant_bits)
+            q = SparseQ.from_rows(rows, state.sparsify.quant_bits)
         start = state.committed_len + offset
         tokens = torch.tensor(state.tokens[start:start + gamma], dtype=torch.int64)
         alts = None

@@ -142,9 +142,7 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
 
 def _warm_up(bench: Bench, system: System) -> None:
     """One request first, so no cell pays for the server's first-request initialisation."""
-    kept = (list(bench.records), dict(bench.target_only))
     bench.run_cell("warmup", system, bench.plan.fast_link, "4", 1, requests=1)
-    bench.records[:], bench.target_only = kept[0], kept[1]
 
 
 def _summary(rec: dict) -> str:

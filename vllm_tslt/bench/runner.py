@@ -177,6 +177,8 @@ class Bench:
             "errors": requests * num_devices - len(results),
             "wall_s": wall,
         }
+        if experiment == "warmup":  # measured, not kept
+            return rec
         if system is TARGET_ONLY:
             self.target_only.setdefault((rec["rtt_ms"] or 0.0, num_devices), []).append(
                 rec["tokens_per_s"])

@@ -15,8 +15,11 @@ class Ewma:
         self.decay = 0.5 ** (1.0 / half_life)
         self.value: float | None = None
 
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+    def add(self, x: float, weight: float | None = None) -> None:
+        """Fold in x; ``weight`` (default 1 - decay) is its share, e.g. 0.5 for a probe that
+        should count as much as all older evidence."""
+        w = 1 - self.decay if weight is None else weight
+        self.value = x if self.value is None else (1 - w) * self.value + w * x
 
 
 class DiscountedLine:

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_tslt.core.sparsify import PAD_ID, SparseQ, SparsifyConfig
+from vllm_tslt.core.sparsify import (
+    PAD_ID,
+    SparseQ,
+    SparsifyConfig,
+    scatter_rows,
+    stack_rows,
+    values_at,
+)
 
 # Wire formats a device may use for its drafts. "tslt" is the product; the rest are baselines.
 WIRE_FORMATS = ("tslt", "dsd-fp32", "dsd-fp16", "tkslt")
@@ -59,15 +66,11 @@ class FloatQ:
         return normalise_rows(self.values)
 
     def dense(self, vocab_size: int) -> torch.Tensor:
-        out = torch.zeros(self.num_tokens, vocab_size + 1, dtype=torch.float32)
-        cols = torch.where(self.indices == PAD_ID, vocab_size, self.indices).long()
-        out.scatter_(1, cols, self.probs())
-        return out[:, :vocab_size].contiguous()
+        return scatter_rows(self.indices, self.probs(), vocab_size)
 
     def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """q̂ of given tokens per row: tokens [n, m] -> [n, m] float32."""
-        hit = self.indices.unsqueeze(1) == tokens.to(torch.int32).unsqueeze(2)  # [n, m, k]
-        return (hit * self.probs().unsqueeze(1)).sum(dim=2)
+        return values_at(self.indices, self.probs(), tokens)
 
     def rows(self, start: int, stop: int) -> FloatQ:
         return FloatQ(self.indices[start:stop], self.values[start:stop], self.wire)
@@ -75,12 +78,7 @@ class FloatQ:
     @staticmethod
     def from_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], wire: str) -> FloatQ:
         """Stack per-position (indices [k_j], values [k_j]) rows, padding to the widest."""
-        width = max(int(idx.numel()) for idx, _ in rows)
-        indices = torch.full((len(rows), width), PAD_ID, dtype=torch.int32)
-        values = torch.zeros((len(rows), width), dtype=torch.float32)
-        for j, (idx, val) in enumerate(rows):
-            indices[j, : idx.numel()] = idx
-            values[j, : val.numel()] = val
+        indices, values = stack_rows(rows, torch.float32)
         return FloatQ(indices, values, wire)
 
 

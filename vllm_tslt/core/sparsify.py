@@ -88,17 +88,17 @@ class SparseQ:
 
     def dense(self, vocab_size: int) -> torch.Tensor:
         """[num_tokens, vocab_size] float32 q̃ scattered into the full vocabulary."""
-        out = torch.zeros(self.num_tokens, vocab_size + 1, dtype=torch.float32)
-        # NOTE: padding (-1) is routed to the extra column vocab_size and dropped.
-        cols = torch.where(self.indices == PAD_ID, vocab_size, self.indices).long()
-        out.scatter_(1, cols, self.probs())
-        return out[:, :vocab_size].contiguous()
+        return scatter_rows(self.indices, self.probs(), vocab_size)
 
     def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """q̃ of given tokens per row: tokens [num_tokens, m] int -> [num_tokens, m] float32."""
-        hit = self.indices.unsqueeze(1) == tokens.to(torch.int32).unsqueeze(2)  # [n, m, k]
-        counts = (hit * self.counts.unsqueeze(1)).sum(dim=2)  # [n, m]
-        return counts.to(torch.float32) / float(self.total)
+        return values_at(self.indices, self.probs(), tokens)
+
+    @staticmethod
+    def from_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], quant_bits: int) -> SparseQ:
+        """Stack per-position (indices [k_j], counts [k_j]) rows, padded to the widest."""
+        indices, counts = stack_rows(rows, torch.int32)
+        return SparseQ(indices, counts, quant_bits)
 
     def rows(self, start: int, stop: int) -> SparseQ:
         return SparseQ(self.indices[start:stop], self.counts[start:stop], self.quant_bits)
@@ -127,6 +127,33 @@ class SparseQ:
             indices.append(torch.nn.functional.pad(p.indices, (0, pad), value=PAD_ID))
             counts.append(torch.nn.functional.pad(p.counts << (bits - p.quant_bits), (0, pad)))
         return SparseQ(torch.cat(indices), torch.cat(counts), bits)
+
+
+def scatter_rows(indices: torch.Tensor, values: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, k] values at PAD_ID-padded indices -> [n, vocab_size] float32 (0 elsewhere)."""
+    out = torch.zeros(indices.shape[0], vocab_size + 1, dtype=torch.float32)
+    # NOTE: padding (-1) is routed to the extra column vocab_size and dropped.
+    cols = torch.where(indices == PAD_ID, vocab_size, indices).long()
+    out.scatter_(1, cols, values.to(torch.float32))
+    return out[:, :vocab_size].contiguous()
+
+
+def values_at(indices: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per row, the value at each given token (0 if not listed): tokens [n, m] -> [n, m]."""
+    hit = indices.unsqueeze(1) == tokens.to(torch.int32).unsqueeze(2)  # [n, m, k]
+    return (hit * values.unsqueeze(1)).sum(dim=2)
+
+
+def stack_rows(rows: list[tuple[torch.Tensor, torch.Tensor]],
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (indices [k_j], values [k_j]) -> ([n, k] int32 PAD_ID-padded, [n, k] dtype)."""
+    width = max(int(idx.numel()) for idx, _ in rows)
+    indices = torch.full((len(rows), width), PAD_ID, dtype=torch.int32)
+    values = torch.zeros((len(rows), width), dtype=dtype)
+    for j, (idx, val) in enumerate(rows):
+        indices[j, : idx.numel()] = idx
+        values[j, : val.numel()] = val
+    return indices, values
 
 
 # ----------------------------------------------------------------------------------------------

@@ -215,13 +215,9 @@ class DraftHub:
         found: dict[str, Draft] = {}
         with self._cond:
             wanted = {rid: p for rid in request_ids if (p := self._expected_locked(rid))}
-            paused = [rid for rid in wanted if self._requests[rid].paused]
-            for rid in paused:  # the device is not drafting for it: no wait, no draft
-                del wanted[rid]
-            self.counters["skipped_paused"] += len(paused)
             sessions = {rid: self._session_of(rid) for rid in wanted}
             responsive = {rid for rid, s in sessions.items() if s.missed < MAX_MISSED_DEADLINES}
-            settled: set[str] = set()  # paused while we waited: nothing more will come
+            settled: set[str] = set()  # paused (before or during the wait): nothing will come
             while True:
                 for rid, (length, phash) in wanted.items():
                     req = self._requests.get(rid)
@@ -235,7 +231,7 @@ class DraftHub:
                     break
                 self._cond.wait(timeout=end - now)
             for session in {id(s): s for s in sessions.values()}.values():
-                got = any(rid in found for rid in session.requests)
+                got = any(rid in found or rid in settled for rid in session.requests)
                 session.missed = 0 if got else session.missed + 1
             for rid, (length, _) in wanted.items():
                 req = self._requests.get(rid)
