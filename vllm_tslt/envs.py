@@ -18,3 +18,10 @@ def build_threads() -> int:
     The same thread count gives bit-identical weights for the same seed on the same machine.
     """
     return int(os.environ.get("VLLM_TSLT_BUILD_THREADS", str(os.cpu_count() or 1)))
+
+
+def test_switches_enabled() -> bool:
+    """`VLLM_TSLT_TEST_SWITCHES=1` lets requests turn on test-only behaviour (negative controls
+    that re-introduce known biases, e.g. `vllm_xargs.tslt_test_structured_cut`). Never set it on
+    a production server."""
+    return os.environ.get("VLLM_TSLT_TEST_SWITCHES", "") == "1"

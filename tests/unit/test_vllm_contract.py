@@ -169,3 +169,96 @@ def test_cli_main_asks_metadata_for_vllm():
     from vllm.entrypoints.cli import main as cli_main
 
     assert 'importlib.metadata.version("vllm")' in inspect.getsource(cli_main.main)
+
+
+# --- patches/runner.py `_sample` (no draft rows: plain sampler) ---------------------------------
+
+
+def test_sample_hook_contract():
+    """`_sample(logits, spec_decode_metadata)` takes the plain sampler for None, and the rejection
+    sampler draws every token of a draftless request with the same sampler (bonus path), while its
+    uniforms and recovery noise skip requests with no draft tokens (seeded streams unchanged)."""
+    from vllm.v1.sample import rejection_sampler as rs
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert list(inspect.signature(GPUModelRunner._sample).parameters) == [
+        "self", "logits", "spec_decode_metadata"]
+    src = inspect.getsource(GPUModelRunner._sample)
+    assert "if spec_decode_metadata is None:" in src and "return self.sampler(" in src
+    assert "_sample" not in __import__("vllm.v1.worker.cpu_model_runner",
+                                       fromlist=["CPUModelRunner"]).CPUModelRunner.__dict__
+    assert "self.max_spec_len = max(self.num_draft_tokens)" in inspect.getsource(
+        SpecDecodeMetadata)
+    forward = inspect.getsource(rs.RejectionSampler.forward)
+    assert "bonus_sampler_output = self.sampler(" in forward
+    assert "if n == 0:\n            continue" in inspect.getsource(rs.generate_uniform_probs)
+    assert "if num_draft_tokens[i] > 0:" in inspect.getsource(rs.sample_recovered_tokens)
+
+
+# --- patches/engine.py (no draft round trip without sessions) -----------------------------------
+
+
+def test_post_step_contract():
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+
+    assert list(inspect.signature(EngineCore.post_step).parameters) == ["self", "model_executed"]
+    src = inspect.getsource(EngineCore.post_step)
+    assert "self.model_executor.take_draft_token_ids()" in src
+    assert "self.scheduler.update_draft_token_ids(draft_token_ids)" in src
+    assert "self.vllm_config = vllm_config" in inspect.getsource(EngineCore.__init__)
+    # drafts are consumed when scheduled: skipping a take leaves no stale ids behind
+    assert "request.spec_token_ids = []" in inspect.getsource(Scheduler.schedule)
+    assert "self.running" in inspect.getsource(Scheduler.__init__)
+
+
+def test_any_request_has_session():
+    from types import SimpleNamespace as NS
+
+    from vllm import SamplingParams
+
+    from vllm_tslt.edge.proposer import SESSION_KEY
+    from vllm_tslt.patches import engine
+
+    assert engine.SESSION_KEY == SESSION_KEY
+    plain = NS(sampling_params=SamplingParams(max_tokens=3))
+    bound = NS(sampling_params=SamplingParams(max_tokens=3, extra_args={SESSION_KEY: "s"}))
+    pooling = NS(sampling_params=None)
+    assert not engine.any_request_has_session([plain, pooling])
+    assert engine.any_request_has_session([plain, bound])
+
+
+# --- patches/structured.py (structured outputs: the first invalid draft token is kept) ----------
+
+
+def test_structured_output_contract():
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager, backend_xgrammar
+
+    from vllm_tslt.patches.structured import EXPECTED_REJECT_MESSAGES
+
+    assert list(inspect.signature(StructuredOutputManager.validate_tokens).parameters) == [
+        "self", "request", "spec_tokens"]
+    # the scheduler's only uses: sync path (ours) and async path (pads with -1)
+    assert "self.structured_output_manager.validate_tokens(" in inspect.getsource(
+        Scheduler.update_draft_token_ids)
+    # the bitmask row of a draft position is filled before the grammar tries to advance with it
+    fill = inspect.getsource(StructuredOutputManager.grammar_bitmask)
+    assert fill.index("self._fill_bitmasks(((grammar, cumulative_index, apply_bitmask),))") < \
+        fill.index("grammar.accept_tokens(")
+    import vllm.v1.structured_output as so_module
+
+    for logger_name, message in EXPECTED_REJECT_MESSAGES.items():
+        module = so_module if logger_name == "vllm.v1.structured_output" else backend_xgrammar
+        assert module.logger.name == logger_name
+        assert " ".join(message.split()) in " ".join(
+            inspect.getsource(module).replace('"\n', "").replace('                "', "")
+            .split()), message
+    # xgrammar refuses an invalid token without changing state (returns False)
+    assert "if not self.matcher.accept_token(token):" in inspect.getsource(
+        backend_xgrammar.XgrammarGrammar.accept_tokens)
+    # the frontend records which backend serves a request; both our processes read it
+    assert "_backend" in StructuredOutputsParams.__dataclass_fields__
+    assert "self.vllm_config = vllm_config" in inspect.getsource(StructuredOutputManager.__init__)

@@ -17,6 +17,7 @@ import torch
 from vllm_tslt.core.estimators import DiscountedLine
 from vllm_tslt.core.float_q import FloatQ, concat_rows
 from vllm_tslt.core.sparsify import SparseQ
+from vllm_tslt.patches.structured import cut_mode
 from vllm_tslt.protocol import Draft, EdgeStatus, vocab_fingerprint
 
 from .config import TsltConfig
@@ -95,7 +96,13 @@ class TsltProposer:
         self._runner: Any = None
         self._committed: dict[str, int] = {}  # request -> committed length sent (-1: unbound)
         self._max_len: dict[str, int] = {}  # request -> prompt + max_tokens
-        self._pending: dict[str, Draft] = {}  # request -> draft handed to the scheduler
+        # The drafts handed to the scheduler by the last propose(), and the step that proposed
+        # them: vLLM verifies step N's drafts in step N + 1 only; any other use (the drafter
+        # skipped a step, the request was not scheduled) falls back to one-hot rows.
+        self._pending: dict[str, tuple[Draft, int]] = {}  # request -> (draft, tokens handed out)
+        self._pending_step = -1
+        self._step = 0  # engine steps begun (model runner state updates)
+        self._cut_mode: dict[str, str] = {}  # structured-output requests -> patches.structured mode
         self.step_cost = StepCost()
         self._status_at = 0.0
 
@@ -106,14 +113,17 @@ class TsltProposer:
     def bind_step(self, runner: Any, scheduler_output: Any) -> None:
         self._runner = runner
 
-    def end_requests(self, req_ids: Any) -> None:
-        """vLLM finished or aborted these requests (called from every step's state update, also
-        from a step with nothing to compute, so the last request of a burst is freed too)."""
-        for rid in req_ids or ():
+    def begin_step(self, finished_req_ids: Any) -> None:
+        """A new engine step begins (the model runner's state update, also in a step with nothing
+        to compute); vLLM finished or aborted `finished_req_ids`, so the last request of a burst
+        is freed too."""
+        self._step += 1
+        for rid in finished_req_ids or ():
             self.hub.end_request(rid, "finished")
             self._committed.pop(rid, None)
             self._max_len.pop(rid, None)
             self._pending.pop(rid, None)
+            self._cut_mode.pop(rid, None)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any,
                 token_ids_cpu: Any, slot_mappings: Any = None) -> list[list[int]]:
@@ -131,14 +141,13 @@ class TsltProposer:
         drafts = self.hub.collect(bound, self.config.draft_deadline_ms / 1000.0) if bound else {}
         t2 = time.perf_counter()
         out: list[list[int]] = []
+        self._pending, self._pending_step = {}, self._step
         for rid in req_ids:
             draft = drafts.get(rid)
-            if draft is None:
-                self._pending.pop(rid, None)
-                out.append([])
-                continue
-            self._pending[rid] = draft
-            out.append(draft.tokens[: self.max_gamma].tolist())
+            tokens = [] if draft is None else draft.tokens[: self.max_gamma].tolist()
+            if draft is not None:
+                self._pending[rid] = (draft, len(tokens))
+            out.append(tokens)
         self._report_status(t0, len(req_ids))
         t3 = time.perf_counter()
         self.hub.count("proxy_steps")
@@ -169,6 +178,9 @@ class TsltProposer:
                 rid, str(session), prompt, request_params(params, self.max_gamma))
             if not session:
                 self.hub.count("requests_without_session")
+            mode = cut_mode(params)
+            if ok and mode != "none":
+                self._cut_mode[rid] = mode
             sent = len(prompt) if ok else -1
             self._committed[rid] = sent
             max_tokens = getattr(params, "max_tokens", None)
@@ -207,13 +219,18 @@ class TsltProposer:
         scheduled = metadata.draft_token_ids.to("cpu", torch.int64)  # [num_draft_tokens]
         parts: list[SparseQ | FloatQ] = []
         alts: list[torch.Tensor] = []  # [n, m - 1] per request
+        pending = self._pending if self._pending_step == self._step - 1 else {}
+        self._pending = {}
         offset = 0
         for rid, n in zip(req_ids, metadata.num_draft_tokens):
             if n == 0:
                 continue
             tokens = scheduled[offset: offset + n]
             offset += n
-            draft = self._pending.pop(rid, None)
+            draft, handed_out = pending.get(rid, (None, 0))
+            if n < handed_out and self._cut_mode.get(rid) == "one_hot":
+                draft = None  # a grammar may have cut it where a token was invalid: rule 8
+                self.hub.count("draft_rows_one_hot_structured", n)
             if draft is not None and draft.gamma >= n and torch.equal(draft.tokens[:n], tokens):
                 parts.append(draft.q.rows(0, n))
                 alts.append(draft.alternatives[:n] if draft.alternatives is not None

@@ -5,6 +5,8 @@
 - `_update_states`: runs at the start of every step, also one with nothing to compute (where
   `propose_draft_token_ids` is not called): the wrapper hands the step's finished request ids to
   the proposer, so the last request of a burst is freed at once.
+- `_sample`: a step with no draft token takes vLLM's plain sampler (the same distribution),
+  not the rejection sampler on empty tensors.
 - `_get_spec_decode_draft_probs`: the only way draft probabilities reach vLLM's rejection sampler;
   the wrapper returns the devices' sparse q̃ for exactly the drafts vLLM scheduled (dense, "scatter"
   verifier) or a `SparseDraftProbs` handle for the fused sparse verifier.
@@ -41,7 +43,7 @@ def _wrap_update_states(original):
     def _update_states(self, scheduler_output, *args, **kwargs):
         result = original(self, scheduler_output, *args, **kwargs)
         if _is_tslt(self):
-            self.drafter.end_requests(scheduler_output.finished_req_ids)
+            self.drafter.begin_step(scheduler_output.finished_req_ids)
         return result
 
     return _update_states
@@ -58,7 +60,23 @@ def _wrap_draft_probs(original):
     return _get_spec_decode_draft_probs
 
 
+def _wrap_sample(original):
+    @functools.wraps(original)
+    def _sample(self, logits, spec_decode_metadata):
+        # A step with no draft token at all: vLLM's rejection sampler would draw every token as a
+        # "bonus" with this very sampler and metadata (the uniforms and recovery noise it also
+        # draws are for draft rows and skip every request with none, seeded or not), so the plain
+        # sampler gives the same distribution and the same seeded streams, ~0.4 ms cheaper.
+        if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0
+                and _is_tslt(self)):
+            return original(self, logits, None)
+        return original(self, logits, spec_decode_metadata)
+
+    return _sample
+
+
 PATCHES = (
+    Patch(RUNNER, "_sample", "0.32.0", _wrap_sample),
     Patch(RUNNER, "propose_draft_token_ids", "0.32.0", _wrap_propose),
     Patch(RUNNER, "_update_states", "0.32.0", _wrap_update_states),
     Patch(RUNNER, "_get_spec_decode_draft_probs", "0.32.0", _wrap_draft_probs),

@@ -1,0 +1,156 @@
+"""The proxy's per-step bookkeeping, driven the way vLLM 0.32's model runner drives it.
+
+Each test runs the real `TsltProposer` (real hub on a free loopback port, no device) with the
+model runner replaced by the few attributes the proxy reads, and calls its hooks in vLLM's order:
+`begin_step` (start of every step) -> `draft_probs` (drafts scheduled this step) -> `propose`
+(drafts for the next step).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_tslt.core.sparsify import SparseQ
+from vllm_tslt.protocol import Draft
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 64
+
+
+@pytest.fixture()
+def proposer(monkeypatch, tmp_path):
+    from vllm_tslt.edge import proposer as proposer_module
+
+    monkeypatch.setattr(proposer_module, "_tokenizer_fingerprint", lambda _: "f" * 32)
+    config = SimpleNamespace(
+        additional_config={"tslt": {"bind": "tcp://127.0.0.1:0",
+                                    "stats_path": str(tmp_path / "stats.json")}},
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        speculative_config=SimpleNamespace(num_speculative_tokens=4),
+        model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB, served_model_name=None,
+                                     model="m", tokenizer="unused", trust_remote_code=False))
+    prop = proposer_module.TsltProposer(config)
+    prop._commit = lambda *args: True  # every request is bound and wants a draft
+    yield prop
+    prop.stats.close()
+    prop.hub.close()
+
+
+def _draft(rid: str, tokens: list[int]) -> Draft:
+    n = len(tokens)
+    # q̃ = 1/2 on the drafted token, 1/2 on token 63: not one-hot, so a use is visible.
+    indices = torch.tensor([[t, 63] for t in tokens], dtype=torch.int32)
+    q = SparseQ(indices, torch.full((n, 2), 2048, dtype=torch.int32), 12)
+    return Draft(rid, 10, 0, torch.tensor(tokens), q)
+
+
+def _run_step(prop, req_ids, scheduled=None, drafts=None):
+    """One engine step: begin, verify `scheduled` ({rid: tokens}), then propose `drafts`."""
+    prop.begin_step([])
+    dense = None
+    if scheduled is not None:
+        counts = [len(scheduled.get(rid, [])) for rid in req_ids]
+        flat = [t for rid in req_ids for t in scheduled.get(rid, [])]
+        metadata = SimpleNamespace(draft_token_ids=torch.tensor(flat, dtype=torch.int32),
+                                   num_draft_tokens=counts)
+        dense = prop.draft_probs(req_ids, metadata, torch.device("cpu"))
+    if drafts is not None:
+        prop.hub.collect = lambda ids, deadline: {rid: drafts[rid] for rid in ids if rid in drafts}
+        runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(req_ids)))
+        prop.bind_step(runner, None)
+        out = prop.propose([[1]] * len(req_ids), [10] * len(req_ids), None)
+        assert out == [drafts[rid].tokens.tolist() if rid in drafts else [] for rid in req_ids]
+    return dense
+
+
+def _is_one_hot(row: torch.Tensor, token: int) -> bool:
+    return float(row[token]) == 1.0 and float(row.sum()) == 1.0
+
+
+def test_drafts_of_the_previous_step_are_verified_with_their_q(proposer):
+    _run_step(proposer, ["r"], drafts={"r": _draft("r", [0, 5, 7, 9])})
+    dense = _run_step(proposer, ["r"], scheduled={"r": [0, 5]})
+    assert dense.shape == (2, VOCAB)
+    assert float(dense[0, 0]) == 0.5 and float(dense[0, 63]) == 0.5
+
+
+def test_a_stale_draft_never_verifies_tokens_it_did_not_produce(proposer):
+    """Issue 18 item 2: step 1 proposes [0, 5, 7, 9]; step 2 schedules no draft for the request
+    (token budget) and the drafter is skipped (near max_model_len), so step 3 verifies the zeros
+    vLLM schedules for a skipped drafter. Those must get one-hot rows, not the old draft's q̃."""
+    _run_step(proposer, ["r"], drafts={"r": _draft("r", [0, 5, 7, 9])})
+    _run_step(proposer, ["r"], scheduled={"r": []})  # nothing scheduled, drafter skipped
+    dense = _run_step(proposer, ["r"], scheduled={"r": [0]})
+    assert _is_one_hot(dense[0], 0), dense[0, [0, 63]]
+
+
+def test_a_draft_is_used_in_the_next_step_only(proposer):
+    _run_step(proposer, ["r", "s"], drafts={"r": _draft("r", [3, 4]), "s": _draft("s", [8])})
+    _run_step(proposer, ["r", "s"])  # a step with no speculative tokens at all
+    dense = _run_step(proposer, ["r", "s"], scheduled={"r": [3, 4], "s": [8]})
+    assert all(_is_one_hot(dense[i], t) for i, t in enumerate([3, 4, 8]))
+
+
+def test_one_hot_cut_mode_verifies_a_cut_structured_draft_with_one_hot_rows(proposer):
+    _run_step(proposer, ["r"], drafts={"r": _draft("r", [3, 4, 5, 6])})
+    proposer._cut_mode["r"] = "one_hot"
+    dense = _run_step(proposer, ["r"], scheduled={"r": [3, 4]})  # cut where a token was invalid
+    assert _is_one_hot(dense[0], 3) and _is_one_hot(dense[1], 4)
+    _run_step(proposer, ["r"], drafts={"r": _draft("r", [3, 4])})
+    dense = _run_step(proposer, ["r"], scheduled={"r": [3, 4]})  # not cut: q̃ rows
+    assert float(dense[0, 63]) == 0.5
+
+
+# --- patches/structured.py helpers (no vLLM engine needed) --------------------------------------
+
+
+def test_keep_first_invalid():
+    from vllm_tslt.patches.structured import keep_first_invalid
+
+    assert keep_first_invalid([5, 6, 7, 8], [5, 6]) == [5, 6, 7]
+    assert keep_first_invalid([5, 6, 7, 8], []) == [5]
+    assert keep_first_invalid([5, 6], [5, 6]) == [5, 6]
+    assert keep_first_invalid([5, -1, 7], [5]) == [5]  # vLLM's padding is never kept
+    assert keep_first_invalid([5, 6, 7], [9]) == [9]  # not a prefix: leave vLLM's answer
+
+
+def test_cut_mode_by_backend_and_test_switch(monkeypatch):
+    from vllm_tslt.patches.structured import TEST_CUT_KEY, cut_mode
+
+    def params(backend, extra=None):
+        so = None if backend is None else SimpleNamespace(_backend=backend)
+        return SimpleNamespace(structured_outputs=so, extra_args=extra)
+
+    monkeypatch.delenv("VLLM_TSLT_TEST_SWITCHES", raising=False)
+    assert cut_mode(params(None)) == "none"
+    assert cut_mode(params("xgrammar")) == "reject_slot"
+    assert cut_mode(params("guidance")) == "one_hot"
+    forced = params("xgrammar", {TEST_CUT_KEY: "truncate"})
+    assert cut_mode(forced) == "reject_slot"  # switches are off on a normal server
+    monkeypatch.setenv("VLLM_TSLT_TEST_SWITCHES", "1")
+    assert cut_mode(forced) == "truncate"
+    assert cut_mode(params("xgrammar", {TEST_CUT_KEY: "bogus"})) == "reject_slot"
+
+
+def test_expected_rejection_records_are_dropped_once_and_others_kept():
+    import logging
+
+    from vllm_tslt.patches.structured import EXPECTED_REJECT_MESSAGES, ExpectedRejections
+
+    filt = ExpectedRejections()
+    fill_msg = EXPECTED_REJECT_MESSAGES["vllm.v1.structured_output"]
+    fsm_msg = EXPECTED_REJECT_MESSAGES["vllm.v1.structured_output.backend_xgrammar"]
+
+    def record(msg, args):
+        return logging.LogRecord("vllm", logging.ERROR, __file__, 1, msg, args, None)
+
+    filt.expect("req-1", 42)
+    assert not filt.filter(record(fill_msg, (42, "req-1")))
+    assert not filt.filter(record(fsm_msg, ("req-1", 42)))
+    assert filt.filter(record(fill_msg, (42, "req-1")))  # consumed: a second one is real
+    assert filt.filter(record(fill_msg, (43, "req-1")))  # a token we did not keep
+    assert filt.filter(record("something else %s", ("x",)))
