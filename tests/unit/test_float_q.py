@@ -142,3 +142,24 @@ def test_edge_status_round_trip_and_refusals() -> None:
         with pytest.raises(ProtocolError) as info:
             decode(msgpack.packb(bad, use_bin_type=True), limits)
         assert info.value.reason == why
+
+
+def test_normalised_rows_are_exact_integer_masses_summing_to_one():
+    """Issue 18 item 5: device and edge use bit-identical q̂ (one definition, no 1e-7 drift)."""
+    from vllm_tslt.core.float_q import MASS_BITS, normalise_rows
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(64, 257, generator=g) ** 6  # skewed, like softmax rows
+    values[0, 5:] = 0.0
+    values[1] = torch.tensor([1e-12] + [1.0] * 256)  # a tiny entry: may round to 0
+    values = values.to(torch.float16).to(torch.float32)  # wire-rounded, as dsd-fp16 sends
+    q = normalise_rows(values)
+    counts = q.to(torch.float64) * (1 << MASS_BITS)
+    assert torch.equal(counts, counts.round())  # integer masses
+    assert torch.all(counts.sum(dim=1) == (1 << MASS_BITS))  # exactly 1 in float64 ...
+    assert torch.all(q.sum(dim=1, dtype=torch.float64) == 1.0)  # ... from the float32 values
+    assert torch.all((q > 0) <= (values > 0))  # no mass appears where none was sent
+    exact = values.to(torch.float64) / values.to(torch.float64).sum(1, keepdim=True)
+    assert float((q.to(torch.float64) - exact).abs().max()) <= 2.0 ** -MASS_BITS
+    assert torch.equal(normalise_rows(values), q)  # deterministic
+    assert torch.equal(normalise_rows(torch.zeros(2, 4)), torch.zeros(2, 4))

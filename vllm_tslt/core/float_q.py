@@ -7,9 +7,12 @@ TSLT sends integer masses (``SparseQ``). The schemes it is compared with send fl
 - ``tkslt`` (TK-SLT, arXiv 2509.04576): the top-K probabilities as fp16 plus their indices.
 
 To keep these lossless too (DESIGN.md rule 1), both sides compute the draft distribution from the
-*transmitted values* with one shared formula, ``normalise_rows``: q̂ = v / Σv in float64, then
-float32. The device samples its draft token from that q̂ (``sample_from_float``), never from the
-unrounded softmax, so the edge verifies against exactly the distribution the token came from.
+*transmitted values* with one shared formula, ``normalise_rows``: v / Σv in float64, quantised to
+integer multiples of 2**-24 by the largest-remainder rule so that every row sums to exactly 1.
+Every such q̂ is exact in float32 (an integer up to 2**24 times a power of two), so the device's
+sampler (``sample_from_float``, float64 inverse CDF over the same numbers) and the edge's verifier
+(float32) use bit-identical probabilities, never the unrounded softmax. Quantising costs at most
+2**-24 per entry (a token with v / Σv below that may get q̂ = 0; it is then never drafted).
 """
 
 from __future__ import annotations
@@ -32,10 +35,30 @@ WIRE_FORMATS = ("tslt", "dsd-fp32", "dsd-fp16", "tkslt")
 FLOAT_WIRE_FORMATS = WIRE_FORMATS[1:]
 
 
+MASS_BITS = 24  # q̂ is a multiple of 2**-MASS_BITS: exact in float32 and float64
+
+
 def normalise_rows(values: torch.Tensor) -> torch.Tensor:
-    """The shared formula: [n, k] non-negative values -> rows summing to 1 (float32)."""
+    """The shared formula: [n, k] non-negative values -> q̂ [n, k] float32, each row summing to
+    exactly 1 (integer masses c / 2**24, largest remainders rounded up, ties to the lower column).
+    A row with no mass stays all zero (decoding refuses it)."""
     v = values.to(torch.float64)
-    return (v / v.sum(dim=1, keepdim=True).clamp_min(1e-300)).to(torch.float32)
+    unit = float(1 << MASS_BITS)
+    total = v.sum(dim=1, keepdim=True)
+    scaled = torch.where(total > 0, v / total.clamp_min(1e-300) * unit, 0.0)  # [n, k]
+    counts = scaled.floor()
+    short = (torch.where(total[:, 0] > 0, unit, 0.0) - counts.sum(dim=1)).clamp_min(0)  # [n]
+    # NOTE: the `short` (< k) units go to the largest remainders; a stable sort makes ties fall
+    # to the lower column on every machine.
+    order = torch.sort(scaled - counts, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(
+        order.shape[1]).expand_as(order).contiguous())
+    counts = counts + (rank < short.unsqueeze(1)).to(torch.float64)
+    excess = (counts.sum(dim=1) - torch.where(total[:, 0] > 0, unit, 0.0)).clamp_min(0)
+    if bool((excess > 0).any()):  # float64 rounding put a row over 2**24: take it off its largest
+        top = counts.argmax(dim=1, keepdim=True)
+        counts.scatter_add_(1, top, -excess.unsqueeze(1))
+    return (counts / unit).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -89,9 +112,9 @@ def sample_from_float(q: FloatQ, uniforms: torch.Tensor) -> torch.Tensor:
     positive entry)."""
     squeeze = uniforms.ndim == 1
     u = (uniforms.unsqueeze(1) if squeeze else uniforms).to(torch.float64)  # [n, m]
-    probs = q.probs().to(torch.float64)
+    probs = q.probs().to(torch.float64)  # multiples of 2**-24: cumsum is exact, last entry 1
     cum = torch.cumsum(probs, dim=1)
-    cols = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    cols = torch.searchsorted(cum, u, right=True)
     last_positive = (probs > 0).to(torch.int64).cumsum(1).argmax(dim=1, keepdim=True)  # [n, 1]
     # NOTE: searchsorted(right=True) skips zero-mass columns (CDF plateaus); the cap only guards
     # the top end, where float rounding can leave cum[-1] * u past every entry.
