@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
@@ -32,8 +33,8 @@ from vllm_tslt.protocol import (
     vocab_fingerprint,
 )
 from vllm_tslt.protocol.baselines import decode_dsd, decode_tkslt, encode_dsd, encode_tkslt
-from vllm_tslt.protocol.bitpack import BitWriter
 from vllm_tslt.protocol.codec import pack_frame
+from vllm_tslt.protocol.sparse_payload import pack_rows
 
 pytestmark = pytest.mark.unit
 
@@ -149,42 +150,63 @@ def _draft_frame(fields_after_header: list, header=("r", 1, 2)) -> bytes:
     return pack_frame(MsgType.DRAFT, [*header, *fields_after_header])
 
 
-def _payload(k: list[int], kw: int, rice: list[int], low: list[int], counts: list[int], bits: int,
-             cols: list[int], col_w: list[int], high: list[int]) -> bytes:
-    w = BitWriter()
-    w.fixed(np.array(k) - 1, kw)
-    w.fixed(rice, 5)
-    w.fixed(low, np.repeat(rice, k))
-    w.fixed(counts, bits)
-    w.fixed(cols, col_w)
-    w.unary(high)
-    return w.to_bytes()
+def _rows(k: list[int], gaps: list[int], counts: list[int], cols: list[int], bits: int) -> list:
+    """Header fields + payload of given (unchecked) field values, m = 1."""
+    payload, header = pack_rows(np.array(k), np.array(gaps), np.array(counts, dtype=np.int64),
+                                np.array(cols).reshape(len(k), 1), bits)
+    assert header[:3] == [len(k), 1, bits]
+    return [*header, payload]
 
 
 def test_handcrafted_payloads() -> None:
-    # One row, k = 2, indices {3, 10} (gaps 3, 6, Rice 0), counts (5, 11) at 4 bits, token column 1.
-    good = _payload([2], 1, [0], [0, 0], [5], 4, [1], [1], [3, 6])
-    d = decode(_draft_frame([1, 1, 4, 1, good]), LIMITS)
+    # One row, k = 2, indices {3, 10} (gaps 3, 6), counts (5, 11) at 4 bits, token column 1.
+    good = _rows([2], [3, 6], [5], [1], 4)
+    d = decode(_draft_frame(good), LIMITS)
     assert d.q.indices.tolist() == [[3, 10]] and d.q.counts.tolist() == [[5, 11]] and d.tokens.tolist() == [10]
-    bad_count = _payload([2], 1, [0], [0, 0], [0], 4, [1], [1], [3, 6])  # a count of 0
-    assert _reason(_draft_frame([1, 1, 4, 1, bad_count])) == Reason.BAD_COUNTS
-    too_much = _payload([3], 2, [0], [0, 0, 0], [9, 9], 4, [0], [2], [3, 6, 1])  # last = 16 - 18 < 1
-    assert _reason(_draft_frame([1, 1, 4, 2, too_much])) == Reason.BAD_COUNTS
-    bad_col = _payload([3], 2, [0], [0, 0, 0], [5, 5], 4, [3], [2], [3, 6, 1])  # column 3 of k = 3
-    assert _reason(_draft_frame([1, 1, 4, 2, bad_col])) == Reason.NOT_IN_SUPPORT
-    out_of_vocab = _payload([2], 1, [0], [0, 0], [5], 4, [1], [1], [3, 996])  # index 1000
-    assert _reason(_draft_frame([1, 1, 4, 1, out_of_vocab])) == Reason.BAD_INDICES
-    assert _reason(_draft_frame([1, 1, 4, 1, good + b"\x00"])) == Reason.BAD_BITSTREAM
-    assert _reason(_draft_frame([1, 1, 4, 1, good[:-2]])) == Reason.BAD_BITSTREAM
-    k_big = _payload([3], 2, [0], [0, 0, 0], [1, 1], 1, [0], [2], [0, 0, 0])  # k = 3 > 2**1
-    assert _reason(_draft_frame([1, 1, 1, 2, k_big])) == Reason.BAD_COUNTS
+    too_much = _rows([3], [3, 6, 1], [9, 9], [0], 4)  # last = 16 - 18 < 1
+    assert _reason(_draft_frame(too_much)) == Reason.BAD_COUNTS
+    bad_col = _rows([3, 2], [3, 6, 1, 0, 5], [5, 5, 8], [0, 2], 4)  # column 2 of k = 2
+    assert _reason(_draft_frame(bad_col)) == Reason.NOT_IN_SUPPORT
+    out_of_vocab = _rows([2], [3, 996], [5], [1], 4)  # index 1000
+    assert _reason(_draft_frame(out_of_vocab)) == Reason.BAD_INDICES
+    assert _reason(_draft_frame([*good[:-1], good[-1] + b"\x00"])) == Reason.BAD_BITSTREAM
+    assert _reason(_draft_frame([*good[:-1], good[-1] + b"\x01\x00\x00\x00"])) in (
+        Reason.BAD_BITSTREAM, Reason.BAD_COUNTS, Reason.BAD_INDICES, Reason.NOT_IN_SUPPORT)
+    assert _reason(_draft_frame([*good[:-1], b"\x00\x00\x00\x00"])) == Reason.BAD_BITSTREAM
+    k_big = _rows([3], [0, 0, 0], [1, 1], [0], 1)  # k = 3 > 2**1
+    assert _reason(_draft_frame(k_big)) == Reason.TOO_LARGE
+    wrong_alphabet = [*good[:4], 2, *good[5:]]  # gap buckets up to 3 declared as < 2
+    assert decode_or_reason(_draft_frame(wrong_alphabet)) != d
+
+
+def decode_or_reason(data: bytes):
+    try:
+        return decode(data, LIMITS)
+    except ProtocolError as e:
+        return e.reason
+
+
+def test_golden_bytes() -> None:
+    """The exact bytes of fixed drafts: a change here is a wire-format change (protocol version),
+    e.g. a constriction release that quantizes models differently (the pin in pyproject.toml)."""
+    frames = [encode(make_draft(cfg, m=m, seed=1)) for cfg, m in (
+        (SparsifyConfig(top_p=0.95, quant_bits=12), 1), (SparsifyConfig(top_k=8, quant_bits=16), 3),
+        (SparsifyConfig(temperature=0.0), 1))]
+    digest = hashlib.sha256(b"".join(frames)).hexdigest()[:16]
+    assert [len(f) for f in frames] == GOLDEN_SIZES and digest == GOLDEN_DIGEST, (
+        [len(f) for f in frames], digest)
+
+
+GOLDEN_SIZES = [438, 121, 37]
+GOLDEN_DIGEST = "a256d4d9e75a4191"
 
 
 def test_refusals_by_reason() -> None:
     draft = encode(make_draft(SparsifyConfig(top_k=8)))
     frame = msgpack.unpackb(draft)
     repack = lambda f: msgpack.packb(f, use_bin_type=True)  # noqa: E731
-    assert _reason(repack([2, *frame[1:]])) == Reason.BAD_VERSION
+    assert _reason(repack([PROTOCOL_VERSION - 1, *frame[1:]])) == Reason.BAD_VERSION
+    assert _reason(repack([PROTOCOL_VERSION + 1, *frame[1:]])) == Reason.BAD_VERSION
     assert _reason(repack([frame[0], 99, *frame[2:]])) == Reason.BAD_TYPE
     # A TSLT body under a baseline's type does not parse as that baseline.
     assert _reason(repack([frame[0], int(MsgType.DSD_DRAFT), *frame[2:]])) != Reason.BAD_TYPE

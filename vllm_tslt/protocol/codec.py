@@ -1,19 +1,14 @@
 """Sans-IO wire codec: ``encode(msg) -> bytes`` and ``decode(bytes, limits) -> msg``. Never pickle.
 
 Frame: one msgpack array ``[version, type, *fields]``; token-id arrays are raw little-endian uint32
-``bin`` buffers. A draft's sparse rows travel as one packed bitstream (all fields MSB-first):
-
-    k_j - 1          kw bits per row                  support size per row
-    r_j              5 bits per row                   Rice parameter per row (chosen optimally)
-    gap low bits     r_j bits per support entry       gap = index - previous index - 1 (first: index)
-    counts           b bits per entry but each row's last (implied: 2**b - sum of the others)
-    token columns    ceil(log2 k_j) bits per row      position of the draft token in the row
-    alt columns      same width, [γ, m - 1]           positions of the alternatives (draw order)
-    gap high parts   unary per entry                  gap >> r_j
+``bin`` buffers. A draft's sparse rows travel as one entropy-coded payload (ANS, `constriction`):
+supports as index gaps and q̃ as integer counts, each an entropy-coded bucket (bit length) under a
+per-row table plus raw mantissa bits, and the draft tokens and alternatives as columns of their
+rows coded with q̃ itself (layout: sparse_payload.py; models: entropy.py).
 
 Sending each draft token as a column of its own support makes "drafted token in S" structural, and
 ascending order is structural too (gaps >= 0). ``decode`` still checks everything that can be wrong:
-version, type, field types, sizes against ``DecodeLimits``, index range, counts, trailing bits.
+version, type, field types, sizes against ``DecodeLimits``, index range, counts, leftover data.
 """
 
 from __future__ import annotations
@@ -98,8 +93,8 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
     """Parse and validate one frame from an untrusted peer. Raises ProtocolError(reason=...)."""
     msg_type, f = unpack_frame(data, limits)
     if msg_type == MsgType.DRAFT:
-        expect_fields(f, 8, "draft")
-        q, tokens, alternatives = decode_sparse_rows(f[3:8], limits)
+        expect_fields(f, 10, "draft")
+        q, tokens, alternatives = decode_sparse_rows(f[3:10], limits)
         return Draft(get_str(f[0], "request_id"), get_int(f[1], "committed_len", 0, MAX_SEQ_LEN),
                      get_int(f[2], "prefix_hash", 0, MAX_U32), tokens, q, alternatives)
     if msg_type == MsgType.COMMIT:
