@@ -198,7 +198,7 @@ def test_golden_bytes() -> None:
 
 
 GOLDEN_SIZES = [438, 121, 37]
-GOLDEN_DIGEST = "a256d4d9e75a4191"
+GOLDEN_DIGEST = "716a22c798f23968"
 
 
 def test_refusals_by_reason() -> None:

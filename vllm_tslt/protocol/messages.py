@@ -22,7 +22,7 @@ import torch
 from vllm_tslt.core.float_q import FloatQ
 from vllm_tslt.core.sparsify import SparseQ
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: entropy-coded draft payload, per-session request handles
 
 
 class MsgType(IntEnum):
