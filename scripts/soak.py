@@ -253,10 +253,10 @@ def _edge_traced_bytes() -> int:
 
 
 def _hub_objects() -> dict[str, int]:
-    from vllm_tslt.edge import hub as hub_module
+    from vllm_tslt.edge.sessions import BoundRequest, Session
     from vllm_tslt.protocol import Draft
 
-    kinds = {"_Session": hub_module._Session, "_Request": hub_module._Request, "Draft": Draft}
+    kinds = {"Session": Session, "BoundRequest": BoundRequest, "Draft": Draft}
     counts = dict.fromkeys(kinds, 0)
     for obj in gc.get_objects():
         for name, cls in kinds.items():
@@ -269,25 +269,25 @@ def _leak_state(hub) -> dict[str, Any]:
     gc.collect()
     snap = hub.snapshot()
     return {"sessions": snap["sessions_active"], "requests": snap["requests_active"],
-            "routing_ids": len(hub._by_identity), "rate_guards": len(hub._guards),
+            "routing_ids": len(hub.table.by_identity), "rate_guards": len(hub.io.guards),
             "objects": _hub_objects(), "edge_traced_bytes": _edge_traced_bytes(),
             "rss_bytes": _rss_bytes()}
 
 
 class SoakRun:
     def __init__(self, cfg: SoakConfig) -> None:
-        from vllm_tslt.edge import hub as hub_module
+        from vllm_tslt.edge import sessions as sessions_module
         from vllm_tslt.edge.config import TsltConfig
         from vllm_tslt.edge.hub import DraftHub
 
         self.cfg = cfg
         self.pair = SyntheticPair(cfg.vocab_size, cfg.seed)
-        hub_module.SESSION_IDLE_TIMEOUT_S = cfg.idle_timeout_s
+        sessions_module.SESSION_IDLE_TIMEOUT_S = cfg.idle_timeout_s
         self.hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=cfg.deadline_ms),
                             vocab_size=cfg.vocab_size, vocab_fingerprint=FINGERPRINT,
                             model_name="synthetic", max_gamma=cfg.gamma)
         self.cond = _TimedCondition(threading.Lock())
-        self.hub._cond = self.cond  # before start(): every wait of collect() is timed
+        self.hub.table.cond = self.cond  # before start(): every wait of collect() is timed
         self.rng = random.Random(cfg.seed + 3)
         self.gen = torch.Generator().manual_seed(cfg.seed + 4)
         self.sessions: dict[int, str] = {}
@@ -476,7 +476,7 @@ class SoakRun:
         growth = final["edge_traced_bytes"] - baseline["edge_traced_bytes"]
         new_ids = self.session_lines
         leak_ok = (final["sessions"] == 0 and final["requests"] == 0 and final["routing_ids"] == 0
-                   and final["objects"]["_Request"] == 0 and final["objects"]["_Session"] == 0
+                   and final["objects"]["BoundRequest"] == 0 and final["objects"]["Session"] == 0
                    and growth < 64 * 1024 + 512 * new_ids)
         return {
             "config": asdict(self.cfg),

@@ -50,14 +50,14 @@ class FakeRouter:
 
 def assert_alive_and_bounded(hub: DraftHub) -> None:
     """The I/O thread runs, serves a fresh device, and every table is within its limit."""
-    assert hub._thread is not None and hub._thread.is_alive()
+    assert hub.io.thread is not None and hub.io.thread.is_alive()
     snap = hub.snapshot()
     assert snap.get("internal_errors", 0) == 0, snap
-    assert len(hub._sessions) <= MAX_SESSIONS and len(hub._by_identity) <= MAX_SESSIONS
-    assert len(hub._guards) <= MAX_SESSIONS + hub_module.PEER_TABLE_SLACK
-    assert all(len(r.drafts) <= MAX_DRAFTS_PER_REQUEST for r in hub._requests.values())
-    for session in list(hub._sessions.values()):  # make room for the probe device
-        hub._close_session(session.session_id, "test")
+    assert len(hub.table.sessions) <= MAX_SESSIONS and len(hub.table.by_identity) <= MAX_SESSIONS
+    assert len(hub.io.guards) <= MAX_SESSIONS + hub_module.PEER_TABLE_SLACK
+    assert all(len(r.drafts) <= MAX_DRAFTS_PER_REQUEST for r in hub.table.requests.values())
+    for session in list(hub.table.sessions.values()):  # make room for the probe device
+        hub.table.close_session(session.session_id, "test")
     good = Device(hub.endpoint)
     try:
         good.send(HELLO)
@@ -106,8 +106,8 @@ def device_message(draw) -> tuple[list[bytes], str]:
 def test_random_frames_through_the_handler_keep_the_hub_sound():
     hub = start_hub(max_messages_per_s=500)
     router = FakeRouter()
-    hub._on_frames(router, [b"dev-0", encode(HELLO)])
-    sid = next(iter(hub._sessions))
+    hub.io.on_frames(router, [b"dev-0", encode(HELLO)])
+    sid = next(iter(hub.table.sessions))
     assert hub.start_request("r-bound", sid, [1, 2], {})
 
     @settings(max_examples=600, deadline=None, derandomize=True,
@@ -115,7 +115,7 @@ def test_random_frames_through_the_handler_keep_the_hub_sound():
     @given(st.lists(device_message(), min_size=1, max_size=8))
     def run(messages) -> None:
         for frames, peer in messages:
-            hub._on_frames_guarded(router, frames, peer)
+            hub.io.on_frames_guarded(router, frames, peer)
         assert hub.snapshot().get("internal_errors", 0) == 0
 
     try:
@@ -173,7 +173,7 @@ def test_the_codec_bug_frame_does_not_stop_the_hub():
             reply = dev.recv()
         snap = hub.snapshot()
         assert snap.get("internal_errors", 0) + snap.get("invalid_bad_bitstream", 0) == 1
-        assert hub._thread.is_alive()
+        assert hub.io.thread.is_alive()
     finally:
         dev.close()
         hub.close()
@@ -208,7 +208,7 @@ def test_wrong_length_replayed_and_stale_drafts_are_dropped_and_counted():
         assert hub.collect(["r1"], deadline_s=0.1) == {}
         snap = hub.snapshot()
         assert snap["dropped_late"] == 2 and snap["drafts_used"] == 1
-        assert len(hub._requests["r1"].drafts) <= MAX_DRAFTS_PER_REQUEST
+        assert len(hub.table.requests["r1"].drafts) <= MAX_DRAFTS_PER_REQUEST
         hub.end_request("r1", "finished")
         assert hub.snapshot()["requests_active"] == 0
     finally:

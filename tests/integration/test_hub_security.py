@@ -138,16 +138,16 @@ def test_a_session_is_bound_to_the_key_that_opened_it():
     hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0"), vocab_size=V, vocab_fingerprint=FP,
                    model_name="target", max_gamma=4)
     router = FakeRouter()
-    hub._on_frames(router, [b"id-1", encode(HELLO)], "KEY-A" * 8)
+    hub.io.on_frames(router, [b"id-1", encode(HELLO)], "KEY-A" * 8)
     sid = decode(router.sent[-1][1], LIMITS).session_id
-    hub._on_frames(router, [b"id-1", encode(make_draft("r", [1]))], "KEY-B" * 8)
+    hub.io.on_frames(router, [b"id-1", encode(make_draft("r", [1]))], "KEY-B" * 8)
     snap = hub.snapshot()
     assert snap["invalid_wrong_peer"] == 1 and not hub.has_session(sid)
     assert decode(router.sent[-1][1], LIMITS).code == "unknown_peer"
 
 
 class FakeRouter:
-    """Collects the hub's direct replies (`_on_frames` driven without the I/O thread)."""
+    """Collects the hub's direct replies (`io.on_frames` driven without the I/O thread)."""
 
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
@@ -205,7 +205,7 @@ def test_thousands_of_sessions_and_requests_stay_bounded_and_shrink_back():
         hello = encode(HELLO)
         sids = []
         for i in range(2000):
-            hub._on_frames(router, [b"dev-%d" % i, hello])
+            hub.io.on_frames(router, [b"dev-%d" % i, hello])
             reply = decode(router.sent[-1][1], LIMITS)
             if isinstance(reply, Handshake):
                 sids.append(reply.session_id)
@@ -216,15 +216,15 @@ def test_thousands_of_sessions_and_requests_stay_bounded_and_shrink_back():
         bound = [rid for rid in rids if hub.start_request(rid, rid.rsplit("-", 1)[0], [1, 2], {})]
         assert len(bound) == max_sessions * per_session == hub.snapshot()["requests_active"]
         assert hub.snapshot()["requests_over_session_limit"] == 2 * max_sessions
-        assert len(hub._guards) <= max_sessions + hub_module.PEER_TABLE_SLACK
-        assert len(hub._by_identity) == len(hub._sessions) == max_sessions
+        assert len(hub.io.guards) <= max_sessions + hub_module.PEER_TABLE_SLACK
+        assert len(hub.table.by_identity) == len(hub.table.sessions) == max_sessions
         for rid in bound:
             hub.end_request(rid, "finished")
         for i in range(2000):  # every device says goodbye (End without a request id)
-            hub._on_frames(router, [b"dev-%d" % i, encode(End("", "bye"))])
+            hub.io.on_frames(router, [b"dev-%d" % i, encode(End("", "bye"))])
         snap = hub.snapshot()
         assert snap["requests_active"] == 0 and snap["sessions_active"] == 0
-        assert not hub._by_identity and not hub._requests
+        assert not hub.table.by_identity and not hub.table.requests
     finally:
         hub.close()
 

@@ -22,7 +22,7 @@ import torch
 from vllm_tslt.agent.config import AgentConfig
 from vllm_tslt.agent.drafter import Drafter
 from vllm_tslt.agent.runtime import DraftRuntime
-from vllm_tslt.edge import hub as hub_module
+from vllm_tslt.edge import sessions as sessions_module
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import MAX_MISSED_DEADLINES, DraftHub
 from vllm_tslt.edge.launch import free_port
@@ -52,7 +52,7 @@ def models(tiny_pair):
 @pytest.fixture()
 def fast_idle_expiry(monkeypatch):
     """Sessions without requests expire after 1 s instead of 300 s (the sweep runs every 5 s)."""
-    monkeypatch.setattr(hub_module, "SESSION_IDLE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(sessions_module, "SESSION_IDLE_TIMEOUT_S", 1.0)
 
 
 def make_hub(drafter, port: int = 0) -> DraftHub:
@@ -327,10 +327,10 @@ def test_edge_memory_returns_to_baseline(monkeypatch):
     hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=50),
                    vocab_size=64, vocab_fingerprint=FINGERPRINT, model_name="table",
                    max_gamma=4).start()
-    monkeypatch.setattr(hub_module, "SESSION_IDLE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(sessions_module, "SESSION_IDLE_TIMEOUT_S", 0.2)
 
     def expired() -> bool:
-        hub._expire_idle_sessions()  # what the I/O thread's 5 s sweep calls: do not wait for it
+        hub.io.expire_idle_sessions()  # what the I/O thread's 5 s sweep calls: do not wait for it
         return hub.snapshot()["sessions_active"] == 0
 
     tracemalloc.start(1)
@@ -340,7 +340,7 @@ def test_edge_memory_returns_to_baseline(monkeypatch):
             _device_round(hub, target, rnd)
             wait_until(expired, 5, "sessions to expire")
             snap = hub.snapshot()
-            assert snap["requests_active"] == 0 and not hub._by_identity, snap
+            assert snap["requests_active"] == 0 and not hub.table.by_identity, snap
             measured.append(_edge_bytes(tracemalloc.take_snapshot()))
         growth = measured[-1] - measured[0]
         print(f"edge-attributed live bytes after each round: {measured} (growth {growth} B)")

@@ -25,10 +25,11 @@ def _load_soak():
 
 
 def test_short_soak_loses_nothing_and_leaks_nothing(monkeypatch):
-    from vllm_tslt.edge import hub as hub_module
+    from vllm_tslt.edge import sessions as sessions_module
 
     # The run lowers the hub's idle timeout (module global): restore it afterwards.
-    monkeypatch.setattr(hub_module, "SESSION_IDLE_TIMEOUT_S", hub_module.SESSION_IDLE_TIMEOUT_S)
+    monkeypatch.setattr(sessions_module, "SESSION_IDLE_TIMEOUT_S",
+                        sessions_module.SESSION_IDLE_TIMEOUT_S)
     soak = _load_soak()
     cfg = soak.SoakConfig(devices=3, requests=2, duration_s=6.0, churn_s=2.0, idle_timeout_s=0.5,
                           progress_s=2.0)

@@ -105,6 +105,14 @@ class HubMetricsCollector:
             if key.startswith(DROP_PREFIXES):
                 dropped.add_metric([key], float(value))
         yield dropped
+        anomalies = CounterMetricFamily("vllm_tslt_engine_anomalies",
+                                        "Hub calls from the engine step that met an internal "
+                                        "anomaly (the request decoded without drafts), by kind",
+                                        labels=["kind"])
+        for key, value in sorted(snap.items()):
+            if key.startswith("anomaly_"):
+                anomalies.add_metric([key[len("anomaly_"):]], float(value))
+        yield anomalies
         yield GaugeMetricFamily("vllm_tslt_sessions_active", "Connected device sessions",
                                 value=float(snap.get("sessions_active", 0)))
         yield GaugeMetricFamily("vllm_tslt_requests_active", "Requests bound to a session",

@@ -1,0 +1,287 @@
+"""The draft hub's state: device sessions, request bindings and stored drafts (no sockets here).
+
+`SessionTable` holds every table of one hub behind one condition, `cond`, shared by two threads:
+
+- the I/O thread (`device_endpoint.DeviceEndpoint`) opens and closes sessions, stores the drafts
+  and pauses devices send, and notifies `cond` for each;
+- the engine thread (`hub.DraftHub`) binds, advances and unbinds requests and `collect`s drafts,
+  waiting on `cond` until each request has a draft for its committed sequence or the deadline.
+
+The hub's counters live here too, so that both threads count under the same lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from vllm_tslt.core.float_q import FloatQ
+from vllm_tslt.protocol import Draft, PrefixHasher
+
+logger = logging.getLogger(__name__)
+
+MAX_DRAFTS_PER_REQUEST = 4  # drafts kept per request (for different assumed prefixes)
+# A session with no traffic and no requests is forgotten after this long (read at every sweep:
+# tests lower it on this module).
+SESSION_IDLE_TIMEOUT_S = 300.0
+# After this many steps in a row without a usable draft, the engine stops waiting for a session
+# (a stalled or vanished device costs at most this many deadlines) until it sends a draft again.
+MAX_MISSED_DEADLINES = 3
+
+
+class CommitLengthError(ValueError):
+    """The engine's committed length disagrees with the tokens the hub was told about."""
+
+
+@dataclass
+class Session:
+    session_id: str
+    identity: bytes  # the ZeroMQ routing id of the device's DEALER socket
+    peer: str = ""  # the CURVE public key (z85) that opened the session; "" without CURVE
+    requests: set[str] = field(default_factory=set)
+    last_seen: float = field(default_factory=time.monotonic)
+    missed: int = 0  # consecutive collect() deadlines this session's requests missed
+
+
+@dataclass
+class BoundRequest:
+    session_id: str
+    hasher: PrefixHasher  # the committed sequence, as a length and a rolling hash
+    drafts: dict[int, Draft] = field(default_factory=dict)  # committed_len -> latest draft
+    paused: bool = False  # the device said it sends no drafts until its next one (Pause)
+
+
+class SessionTable:
+    """Sessions by id and by routing id, requests bound to them, their drafts, and counters."""
+
+    def __init__(self, max_requests_per_session: int) -> None:
+        self.max_requests_per_session = max_requests_per_session
+        self.cond = threading.Condition()
+        self.counters: Counter[str] = Counter()
+        self.sessions: dict[str, Session] = {}
+        self.by_identity: dict[bytes, str] = {}
+        self.requests: dict[str, BoundRequest] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self.cond:
+            self.counters[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self.cond:
+            out = dict(self.counters)
+            out["sessions_active"] = len(self.sessions)
+            out["requests_active"] = len(self.requests)
+        return out
+
+    # ------------------------------------------------------------------ sessions (I/O thread)
+
+    def has_session(self, session_id: str) -> bool:
+        with self.cond:
+            return session_id in self.sessions
+
+    def session_id_of(self, identity: bytes) -> str | None:
+        with self.cond:
+            return self.by_identity.get(identity)
+
+    def open_session(self, session_id: str, identity: bytes, peer: str) -> Session:
+        session = Session(session_id, identity, peer)
+        with self.cond:
+            self.sessions[session_id] = session
+            self.by_identity[identity] = session_id
+            self.counters["sessions_opened"] += 1
+        return session
+
+    def close_session(self, session_id: str, why: str) -> None:
+        """Forget a session; its requests stay bound (the engine ends them) but lose their drafts."""
+        with self.cond:
+            session = self.sessions.pop(session_id, None)
+            if session is None:
+                return
+            if self.by_identity.get(session.identity) == session_id:
+                del self.by_identity[session.identity]
+            for rid in session.requests:
+                req = self.requests.get(rid)
+                if req is not None:
+                    req.drafts.clear()
+            self.counters["sessions_closed"] += 1
+            self.cond.notify_all()
+        logger.info("device session %s... closed: %s", session_id[:6], why)
+
+    def session_for(self, identity: bytes, peer: str) -> Session | None:
+        """The sender's session, if it has one opened by the same authenticated key."""
+        with self.cond:
+            session_id = self.by_identity.get(identity)
+            session = self.sessions.get(session_id) if session_id else None
+            if session is not None and session.peer == peer:
+                session.last_seen = time.monotonic()
+                return session
+        if session is not None:  # another key took over this routing id: its downlink too
+            self.count("invalid_wrong_peer")
+            self.close_session(session.session_id, "routing id reused by another CURVE key")
+        return None
+
+    def idle_sessions(self) -> list[tuple[str, bytes]]:
+        """(session id, routing id) of every session without requests idle for too long."""
+        now = time.monotonic()
+        with self.cond:
+            return [(s.session_id, s.identity) for s in self.sessions.values()
+                    if not s.requests and now - s.last_seen > SESSION_IDLE_TIMEOUT_S]
+
+    # ------------------------------------------------------------------ requests (engine thread)
+
+    def is_bound(self, request_id: str) -> bool:
+        with self.cond:
+            return request_id in self.requests
+
+    def bind(self, request_id: str, session_id: str, prompt_ids: Sequence[int]) -> bytes | None:
+        """Bind a request to a session. The session's routing id, or None (no such session, or
+        the session is at `max_requests_per_session`)."""
+        hasher = PrefixHasher(prompt_ids)
+        with self.cond:
+            session = self.sessions.get(session_id)
+            if session is None:
+                self.counters["requests_unknown_session"] += 1
+                return None
+            if len(session.requests) >= self.max_requests_per_session:
+                self.counters["requests_over_session_limit"] += 1
+                return None
+            session.requests.add(request_id)
+            self.requests[request_id] = BoundRequest(session_id, hasher)
+            self.counters["requests_bound"] += 1
+            return session.identity
+
+    def advance(self, request_id: str, committed_len: int,
+                new_tokens: Sequence[int]) -> bytes | None:
+        """Append committed tokens and drop drafts for shorter prefixes. The routing id to tell,
+        or None (not bound, or its session is gone). Raises CommitLengthError, changing nothing,
+        when committed_len is not the bound length plus len(new_tokens)."""
+        with self.cond:
+            req = self.requests.get(request_id)
+            if req is None:
+                return None
+            expected = req.hasher.length + len(new_tokens)
+            if committed_len != expected:
+                raise CommitLengthError(
+                    f"commit for {request_id}: length {committed_len} after {len(new_tokens)} "
+                    f"new tokens, expected {expected}")
+            req.hasher.update(new_tokens)
+            req.drafts = {n: d for n, d in req.drafts.items() if n >= committed_len}
+            session = self.sessions.get(req.session_id)
+            return session.identity if session is not None else None
+
+    def unbind(self, request_id: str) -> bytes | None:
+        """Forget a request and its drafts. The routing id of its live session, or None."""
+        with self.cond:
+            req = self.requests.pop(request_id, None)
+            if req is None:
+                return None
+            session = self.sessions.get(req.session_id)
+            if session is None:
+                return None
+            session.requests.discard(request_id)
+            return session.identity
+
+    def identities_with_requests(self) -> list[bytes]:
+        with self.cond:
+            return [s.identity for s in self.sessions.values() if s.requests]
+
+    # ------------------------------------------------------------------ drafts
+
+    def store_draft(self, session: Session, draft: Draft, wire_formats: Iterable[str]) -> bool:
+        """Store a draft for its request (I/O thread). False: the draft was abusive (another
+        key's request, or a wire format this edge does not take)."""
+        with self.cond:
+            self.counters["drafts_received"] += 1
+            wire = draft.q.wire if isinstance(draft.q, FloatQ) else "tslt"
+            if wire not in wire_formats:
+                self.counters["invalid_wire_format"] += 1
+                return False
+            req = self.requests.get(draft.request_id)
+            if req is not None and req.session_id != session.session_id:
+                owner = self.sessions.get(req.session_id)
+                if owner is not None and owner.peer != session.peer:
+                    self.counters["invalid_wrong_peer"] += 1
+                    return False
+            if req is None or req.session_id != session.session_id:
+                self.counters["dropped_unknown_request"] += 1
+                return True
+            req.paused = False  # drafting again: wait for its drafts from now on
+            if draft.committed_len < req.hasher.length:
+                self.counters["dropped_late"] += 1
+                return True
+            req.drafts[draft.committed_len] = draft
+            session.missed = 0
+            while len(req.drafts) > MAX_DRAFTS_PER_REQUEST:  # never evict the current prefix's
+                req.drafts.pop(max(n for n in req.drafts if n != req.hasher.length))
+            self.cond.notify_all()
+        return True
+
+    def pause(self, session: Session, request_id: str) -> None:
+        """The device sends no drafts for this request until its next one (I/O thread)."""
+        with self.cond:
+            req = self.requests.get(request_id)
+            if req is None or req.session_id != session.session_id:
+                self.counters["dropped_unknown_request"] += 1
+                return
+            req.paused = True
+            self.counters["pauses"] += 1
+            self.cond.notify_all()
+
+    def collect(self, request_ids: Iterable[str], deadline_s: float) -> dict[str, Draft]:
+        """Wait until each request has a draft for its committed sequence, or the deadline.
+
+        Drafts that arrive later, or for another prefix, are not used for this step; every request
+        without a usable draft is counted under `dropped_<reason>` (missing or stale).
+        """
+        t0 = time.monotonic()
+        end = t0 + max(0.0, deadline_s)
+        found: dict[str, Draft] = {}
+        with self.cond:
+            wanted = {rid: p for rid in request_ids if (p := self._expected_locked(rid))}
+            sessions = {rid: self.sessions[self.requests[rid].session_id] for rid in wanted}
+            responsive = {rid for rid, s in sessions.items() if s.missed < MAX_MISSED_DEADLINES}
+            settled: set[str] = set()  # paused (before or during the wait): nothing will come
+            while True:
+                for rid, (length, phash) in wanted.items():
+                    req = self.requests.get(rid)
+                    draft = req.drafts.get(length) if req is not None else None
+                    if draft is not None and draft.prefix_hash == phash:
+                        found[rid] = draft
+                    elif req is not None and req.paused:
+                        settled.add(rid)
+                now = time.monotonic()
+                if responsive <= found.keys() | settled or now >= end:
+                    break
+                self.cond.wait(timeout=end - now)
+            for session in {id(s): s for s in sessions.values()}.values():
+                got = any(rid in found or rid in settled for rid in session.requests)
+                session.missed = 0 if got else session.missed + 1
+            self._count_collected(wanted, found, settled)
+            self.counters["steps_waited"] += 1 if wanted else 0
+            self.counters["wait_us"] += int((time.monotonic() - t0) * 1e6) if wanted else 0
+        return found
+
+    def _count_collected(self, wanted: dict[str, tuple[int, int]], found: dict[str, Draft],
+                         settled: set[str]) -> None:
+        for rid, (length, _) in wanted.items():
+            req = self.requests.get(rid)
+            if rid in found:
+                self.counters["drafts_used"] += 1
+            elif rid in settled:
+                self.counters["skipped_paused"] += 1
+            elif req is not None and req.drafts:  # drafts exist, none for this prefix
+                self.counters["dropped_stale"] += 1
+            else:
+                self.counters["dropped_missing"] += 1
+            if req is not None:
+                req.drafts.pop(length, None)
+
+    def _expected_locked(self, request_id: str) -> tuple[int, int] | None:
+        req = self.requests.get(request_id)
+        if req is None or req.session_id not in self.sessions:
+            return None
+        return req.hasher.length, req.hasher.value()
