@@ -1,7 +1,8 @@
 """Kernels for verifying sparse (truncated) draft distributions, importable without vLLM.
 
 Installed as `vllm_tslt.kernels`; on a bare GPU box `import kernels` from the repository root.
-Each kernel module holds the Triton kernel, its launch wrapper and a torch reference.
+Each kernel module holds the Triton kernel, its launch wrapper and a torch reference; the fused
+sparse sampler's kernel is long enough to live apart (`sparse_rejection_triton.py`).
 """
 
 from ._triton_compat import HAS_TRITON

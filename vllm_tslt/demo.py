@@ -92,15 +92,15 @@ def run_demo(pair: str = "tiny") -> int:
     from openai import OpenAI
 
     from .agent import Agent, AgentConfig
-    from .cli import _pair_table
     from .models.pairs import ensure_pair
+    from .models.stats import stats_table
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     print(f"[1/4] model pair {pair!r}: building or loading from cache")
     paths = ensure_pair(pair)
     stats = paths.stats()
-    print(_pair_table(stats))
+    print(stats_table(stats))
     log_path = Path(tempfile.gettempdir()) / "vllm-tslt-demo-edge.log"
     hub_port = free_port()
     print(f"[2/4] starting the edge: vllm-tslt serve <target> --speculative-config "

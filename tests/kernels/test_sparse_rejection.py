@@ -289,7 +289,7 @@ _HOPPER_BUILDS = {
         out_ptr=_F32, row_start_ptr=_I32, indices_ptr=_I32, values_ptr=_I32, vocab_size="i32",
         k="i32", count_scale="fp32"), dict(IS_CSR=True, VALUES_ARE_COUNTS=True, K_BLOCK=32,
                                            BLOCK_SIZE=4096)),
-    **{f"fused_m{m}_{iq}": ("sparse_rejection", "sparse_rejection_kernel", dict(
+    **{f"fused_m{m}_{iq}": ("sparse_rejection_triton", "sparse_rejection_kernel", dict(
         output_token_ids_ptr=_I32, cu_num_draft_tokens_ptr=_I32, draft_token_ids_ptr=_I32,
         alt_token_ids_ptr=_I32, sparse_indices_ptr=_I32, sparse_probs_ptr=_F32,
         target_probs_ptr=_F32, target_argmax_ptr="*i64", bonus_token_ids_ptr=_I32,

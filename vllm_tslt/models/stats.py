@@ -66,3 +66,21 @@ def pair_stats(target, draft, windows: torch.Tensor, recipe: PairRecipe, logit_s
         "target_mean_nucleus_p95": round(float(nucleus.mean()), 2),
         "alpha": round(sums["alpha"] / count, 4),
     }
+
+
+def stats_table(stats: dict) -> str:
+    """The stats.json of a built pair as an aligned two-column table (build-models, demo)."""
+    rows = [
+        ("parameters (target / draft)", f"{stats['target_params']:,} / {stats['draft_params']:,}"),
+        ("FLOPs per token, target / draft", f"{stats['flops_ratio']}x"),
+        ("vocabulary", f"{stats['vocab_size']}"),
+        ("target logit scale s (temperature 1/s)", f"{stats['logit_scale']}"),
+        ("target held-out loss, raw / at scale s",
+         f"{stats['target_heldout_loss_raw']} / {stats['target_heldout_loss']} nats"),
+        ("target mean entropy", f"{stats['target_mean_entropy']} nats"),
+        ("target median top-p=0.95 nucleus", f"{stats['target_median_nucleus_p95']} tokens"),
+        ("draft/target agreement alpha", f"{stats['alpha']}"),
+        ("build time", f"{stats['build_seconds']['total_s']} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
