@@ -2,12 +2,13 @@
 
     python scripts/soak.py [--devices 4] [--requests 4] [--duration 120] [--out docs/reliability/soak.json]
 
-What runs: the real ``DraftHub`` on loopback in this process, driven by a fake engine loop in the
-proposer's order (bind new requests, ``collect`` drafts until the deadline, verify each with the
-reference rejection sampler ``vllm_tslt.core.verify_ref``, ``commit``, ``end_request``), against a
-synthetic target (a bigram table, V = 256, no vLLM, no model files). The devices run in a second
-process (``--device-worker``, spawned here): N DEALER sockets, each drafting γ tokens for every
-request bound to it with sparsify-then-sample from a synthetic draft (the target's logits plus
+What runs: the real ``DraftHub`` on loopback in this process, driven by the fake engine of the
+tests (``vllm_tslt.testing.engine.BatchEngine``: bind new requests, ``collect`` drafts until the
+deadline, verify each with the reference rejection sampler ``vllm_tslt.core.verify_ref``,
+``commit``, ``end_request``), against a synthetic target (``TableTarget``: a bigram table,
+V = 256, no vLLM, no model files). The devices run in a second process (``--device-worker``,
+spawned here): N ``vllm_tslt.testing.devices.TableDevice``s, each drafting γ tokens for every
+request bound to it with sparsify-then-sample from a synthetic draft (the target perturbed by
 noise). Every ``--churn`` seconds one device vanishes without a goodbye and comes back with a new
 session (its in-flight requests finish without drafts; its old session must expire). A quarter of
 the requests are greedy and their output is checked against the target's greedy decoding.
@@ -40,7 +41,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,139 +70,58 @@ class SoakConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# The synthetic models (both processes build them from the seed)
+# The synthetic models (both processes build them from the seed) and the device worker process
 # ----------------------------------------------------------------------------------------------
 
-
-class SyntheticPair:
-    def __init__(self, vocab_size: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        logits = torch.randn(vocab_size, vocab_size, generator=g) * 2.5
-        self.target_logits = logits
-        self.target_probs = torch.softmax(logits, dim=-1)  # [V, V] float32: row = last token
-        self.draft_logits = logits + torch.randn(vocab_size, vocab_size, generator=g) * 0.7
-
-    def target_rows(self, seq: list[int], n: int) -> torch.Tensor:
-        """[n, V] next-token probabilities after each of the last n prefixes of seq."""
-        return self.target_probs[torch.tensor(seq[len(seq) - n:])]
-
-    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
-        seq = list(prompt)
-        for _ in range(max_tokens):
-            seq.append(int(self.target_logits[seq[-1]].argmax()))
-        return seq[len(prompt):]
+TARGET_SCALE = 2.5  # logit scale of the bigram target
+DRAFT_NOISE = 0.7  # std of the noise on the target's log-probabilities that makes the draft
 
 
-# ----------------------------------------------------------------------------------------------
-# Device worker process
-# ----------------------------------------------------------------------------------------------
+def synthetic_pair(vocab_size: int, seed: int):
+    """(target, draft): a bigram TableTarget and a perturbed copy of it."""
+    from vllm_tslt.testing.targets import TableTarget
 
-
-class _Device:
-    def __init__(self, index: int, endpoint: str, vocab_size: int) -> None:
-        import zmq
-
-        from vllm_tslt.protocol import PROTOCOL_VERSION, Handshake, encode
-
-        self.index = index
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.sock.send(encode(Handshake(PROTOCOL_VERSION, vocab_size, FINGERPRINT, "synthetic")))
-        self.session_id = ""
-        self.seqs: dict[str, list[int]] = {}
-        self.temps: dict[str, float] = {}
+    target = TableTarget(vocab_size, periods=1, scale=TARGET_SCALE, seed=seed)
+    return target, target.perturbed(DRAFT_NOISE, seed + 1)
 
 
 def device_worker(args: argparse.Namespace) -> None:
     """N devices in one process; prints `SESSION <index> <id>` per handshake; stops on stdin EOF."""
-    import zmq
+    import select
 
-    from vllm_tslt.core.sparsify import SparseQ, SparsifyConfig, sparsify_then_sample
-    from vllm_tslt.protocol import (
-        Commit,
-        DecodeLimits,
-        Draft,
-        End,
-        Handshake,
-        RequestStart,
-        decode,
-        encode,
-        prefix_hash,
-    )
+    from vllm_tslt.testing.devices import TableDevice
 
     torch.set_num_threads(1)
-    pair = SyntheticPair(args.vocab, args.seed)
-    limits = DecodeLimits(vocab_size=args.vocab)
+    _, draft = synthetic_pair(args.vocab, args.seed)
     rng = random.Random(args.seed + 1)
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    devices = [_Device(i, args.endpoint, args.vocab) for i in range(args.devices)]
-    configs = {1.0: SparsifyConfig(top_k=16, quant_bits=12), 0.0: SparsifyConfig(temperature=0.0)}
+    opened = 0
+
+    def connect(index: int) -> TableDevice:
+        nonlocal opened
+        opened += 1
+        device = TableDevice(args.endpoint, draft, gamma=args.gamma, top_k=16, quant_bits=12,
+                             seed=args.seed * 1000 + opened, name=f"soak-{index}",
+                             fingerprint=FINGERPRINT).start()
+        print(f"SESSION {index} {device.session_id}", flush=True)
+        return device
+
+    devices = [connect(i) for i in range(args.devices)]
     next_churn = time.monotonic() + args.churn if args.churn > 0 else float("inf")
-
-    def draft_all(work: list[tuple[_Device, str]]) -> None:
-        for temp, cfg in configs.items():
-            batch = [(d, rid) for d, rid in work if d.temps.get(rid) == temp]
-            if not batch:
-                continue
-            ctx = [list(d.seqs[rid]) for d, rid in batch]
-            rows: list[list[SparseQ]] = [[] for _ in batch]
-            for _ in range(args.gamma):
-                logits = pair.draft_logits[torch.tensor([c[-1] for c in ctx])]  # [n, V]
-                tokens, q = sparsify_then_sample(logits, cfg, gen)
-                for i, c in enumerate(ctx):
-                    c.append(int(tokens[i]))
-                    rows[i].append(q.rows(i, i + 1))
-            for i, (d, rid) in enumerate(batch):
-                seq = d.seqs[rid]
-                draft = Draft(rid, len(seq), prefix_hash(seq), torch.tensor(ctx[i][len(seq):]),
-                              SparseQ.concat(rows[i]))
-                d.sock.send(encode(draft), zmq.NOBLOCK)
-
-    poller = zmq.Poller()
-    for d in devices:
-        poller.register(d.sock, zmq.POLLIN)
-    poller.register(sys.stdin.fileno(), zmq.POLLIN)
     while True:
-        events = dict(poller.poll(20))
-        if sys.stdin.fileno() in events and not sys.stdin.readline():
+        readable, _, _ = select.select([sys.stdin], [], [], 0.05)
+        if readable and not sys.stdin.readline():
             break  # the soak run is over (or gone)
-        work: dict[tuple[int, str], tuple[_Device, str]] = {}
-        for d in list(devices):
-            while d.sock in events:
-                try:
-                    msg = decode(d.sock.recv(zmq.NOBLOCK), limits)
-                except zmq.Again:
-                    break
-                if isinstance(msg, Handshake):
-                    d.session_id = msg.session_id
-                    print(f"SESSION {d.index} {msg.session_id}", flush=True)
-                elif isinstance(msg, RequestStart):
-                    d.seqs[msg.request_id] = list(msg.prompt_ids)
-                    d.temps[msg.request_id] = float(msg.sampling_params.get("temperature", 1.0))
-                    work[(d.index, msg.request_id)] = (d, msg.request_id)
-                elif isinstance(msg, Commit) and msg.request_id in d.seqs:
-                    d.seqs[msg.request_id].extend(msg.new_tokens)
-                    work[(d.index, msg.request_id)] = (d, msg.request_id)
-                elif isinstance(msg, End):
-                    d.seqs.pop(msg.request_id, None)
-                    d.temps.pop(msg.request_id, None)
-                    work.pop((d.index, msg.request_id), None)
-        draft_all(list(work.values()))
         if time.monotonic() > next_churn:  # one device vanishes (no goodbye) and comes back
             victim = rng.randrange(len(devices))
-            poller.unregister(devices[victim].sock)
-            devices[victim].sock.close(linger=0)
-            devices[victim] = _Device(victim, args.endpoint, args.vocab)
-            poller.register(devices[victim].sock, zmq.POLLIN)
+            devices[victim].stop()
+            devices[victim] = connect(victim)
             next_churn += args.churn
-    for d in devices:
-        d.sock.send(encode(End("", "soak over")))
-        d.sock.close(linger=100)
+    for device in devices:
+        device.stop(goodbye=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# The edge side: hub + fake engine loop
+# The edge side: hub + fake engine
 # ----------------------------------------------------------------------------------------------
 
 
@@ -216,16 +136,6 @@ class _TimedCondition(threading.Condition):
             return super().wait(timeout)
         finally:
             self.waited_s += time.perf_counter() - t0
-
-
-@dataclass
-class _Req:
-    rid: str
-    device: int
-    prompt: list[int]
-    temperature: float
-    seq: list[int] = field(default_factory=list)
-    bound: bool = False
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -279,17 +189,20 @@ class SoakRun:
         from vllm_tslt.edge import sessions as sessions_module
         from vllm_tslt.edge.config import TsltConfig
         from vllm_tslt.edge.hub import DraftHub
+        from vllm_tslt.testing.engine import BatchEngine
 
         self.cfg = cfg
-        self.pair = SyntheticPair(cfg.vocab_size, cfg.seed)
+        self.target, _ = synthetic_pair(cfg.vocab_size, cfg.seed)
         sessions_module.SESSION_IDLE_TIMEOUT_S = cfg.idle_timeout_s
         self.hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=cfg.deadline_ms),
                             vocab_size=cfg.vocab_size, vocab_fingerprint=FINGERPRINT,
                             model_name="synthetic", max_gamma=cfg.gamma)
         self.cond = _TimedCondition(threading.Lock())
         self.hub.table.cond = self.cond  # before start(): every wait of collect() is timed
+        self.engine = BatchEngine(self.hub, self.target, deadline_s=cfg.deadline_ms / 1000,
+                                  seed=cfg.seed + 4, step_s=cfg.step_ms / 1000)
         self.rng = random.Random(cfg.seed + 3)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 4)
+        self.running: dict[str, tuple[Any, int]] = {}  # request id -> (Job, index of its device)
         self.sessions: dict[int, str] = {}
         self.session_lines = 0
         self.overhead_us: list[float] = []
@@ -340,75 +253,41 @@ class SoakRun:
 
     # ------------------------------------------------------------------ engine
 
-    def _new_request(self, device: int, active: dict[str, _Req]) -> None:
-        i = self.counts["started"]
+    def _new_request(self, device: int) -> None:
+        from vllm_tslt.testing.engine import Job
+
         greedy = self.rng.random() < self.cfg.greedy_fraction
         prompt = [self.rng.randrange(self.cfg.vocab_size) for _ in range(4)]
-        req = _Req(f"soak-{i}", device, prompt, 0.0 if greedy else 1.0, list(prompt))
-        params = {"temperature": req.temperature, "top_p": 1.0, "top_k": 0, "seed": None,
-                  "max_tokens": self.cfg.max_tokens, "max_gamma": self.cfg.gamma}
-        req.bound = self.hub.start_request(req.rid, self.sessions[device], prompt, params)
+        job = Job(f"soak-{self.counts['started']}", self.sessions[device], prompt,
+                  self.cfg.max_tokens, 0.0 if greedy else 1.0)
+        self.running[job.request_id] = (job, device)
+        bound = self.engine.admit(job)
         self.counts["started"] += 1
-        self.counts["started_unbound"] += int(not req.bound)
-        active[req.rid] = req
+        self.counts["started_unbound"] += int(not bound)
 
-    def _verify(self, req: _Req, draft) -> list[int]:
-        from vllm_tslt.core.rng import exponential_noise
-        from vllm_tslt.core.verify_ref import chain_rejection_sample_ref
-
-        greedy = req.temperature == 0
-        if draft is None:
-            p = self.pair.target_rows(req.seq, 1)[0]
-            if greedy:
-                return [int(p.argmax())]
-            return [int(torch.argmax(p / exponential_noise(self.gen, p.shape)))]
-        gamma = min(draft.gamma, self.cfg.gamma)
-        tokens = draft.tokens[:gamma]
-        probs = self.pair.target_rows(req.seq + tokens.tolist(), gamma + 1)
-        uniforms = torch.rand(gamma, dtype=torch.float64, generator=self.gen)
-        noise = exponential_noise(self.gen, (self.cfg.vocab_size,))
-        out = chain_rejection_sample_ref(probs, tokens, draft.q.rows(0, gamma), uniforms, noise,
-                                         greedy)
-        self.counts["draft_tokens"] += gamma
-        self.counts["accepted_tokens"] += len(out) - 1  # chain: accepted + one recovered/bonus
-        return out
-
-    def _finish(self, req: _Req) -> None:
-        out = req.seq[len(req.prompt):]
+    def _finish(self, request_id: str, out: list[int]) -> None:
+        job, _ = self.running.pop(request_id)
         ok = len(out) == self.cfg.max_tokens and all(0 <= t < self.cfg.vocab_size for t in out)
-        if ok and req.temperature == 0 and out != self.pair.greedy(req.prompt, self.cfg.max_tokens):
+        if ok and job.temperature == 0 and out != self.target.greedy(job.prompt, len(out)):
             self.counts["wrong_greedy_outputs"] += 1
         self.counts["completed" if ok else "invalid_outputs"] += 1
-        self.counts["greedy_checked"] += int(req.temperature == 0)
+        self.counts["greedy_checked"] += int(job.temperature == 0)
 
-    def _step(self, active: dict[str, _Req], t_hub: float) -> None:
-        """One engine step; t_hub: time already spent in hub calls (start_request) this step."""
-        bound = [rid for rid, r in active.items() if r.bound]
+    def _step(self) -> None:
+        """One engine step, timed: the proxy's overhead is the time in hub calls (admissions
+        included) minus the time collect() spent blocked waiting for drafts."""
         waited0 = self.cond.waited_s
         t0 = time.perf_counter()
-        drafts = self.hub.collect(bound, self.cfg.deadline_ms / 1000) if bound else {}
-        collect_s = time.perf_counter() - t0
+        record = self.engine.step()
+        self.step_us.append((time.perf_counter() - t0) * 1e6)
         waited = self.cond.waited_s - waited0
-        time.sleep(self.cfg.step_ms / 1000)
-        for rid in list(active):
-            req = active[rid]
-            emitted = self._verify(req, drafts.get(rid))
-            emitted = emitted[: self.cfg.max_tokens - (len(req.seq) - len(req.prompt))]
-            req.seq += emitted
-            self.counts["tokens"] += len(emitted)
-            self.counts["request_steps"] += 1
-            self.counts["drafted_steps"] += int(rid in drafts)
-            t1 = time.perf_counter()
-            if req.bound:
-                self.hub.commit(rid, len(req.seq), emitted)
-            if len(req.seq) - len(req.prompt) >= self.cfg.max_tokens:
-                if req.bound:
-                    self.hub.end_request(rid, "finished")
-                del active[rid]
-                self._finish(req)
-            t_hub += time.perf_counter() - t1
+        self.counts["tokens"] += record.tokens
+        self.counts["request_steps"] += record.requests
+        self.counts["drafted_steps"] += record.drafted
         self.counts["steps"] += 1
-        self.overhead_us.append((t_hub + collect_s - waited) * 1e6)
+        for rid, out in record.finished.items():
+            self._finish(rid, out)
+        self.overhead_us.append((record.hub_s - waited) * 1e6)
         self.wait_us.append(waited * 1e6)
 
     def run(self) -> dict[str, Any]:
@@ -428,7 +307,6 @@ class SoakRun:
 
     def _run_loop(self) -> dict[str, Any]:
         cfg = self.cfg
-        active: dict[str, _Req] = {}
         baseline = _leak_state(self.hub)  # devices connected, no request yet
         t_start = time.monotonic()
         next_progress = t_start + cfg.progress_s
@@ -436,19 +314,13 @@ class SoakRun:
         while True:
             now = time.monotonic()
             if now < end:  # keep M requests per device in flight
-                per_device = Counter(r.device for r in active.values())
-                t_hub = time.perf_counter()
+                per_device = Counter(device for _, device in self.running.values())
                 for d in range(cfg.devices):
                     for _ in range(cfg.requests - per_device[d]):
-                        self._new_request(d, active)
-                t_hub = time.perf_counter() - t_hub
-            elif not active:
+                        self._new_request(d)
+            elif not self.engine.active:
                 break
-            else:
-                t_hub = 0.0
-            t0 = time.perf_counter()
-            self._step(active, t_hub)
-            self.step_us.append((time.perf_counter() - t0) * 1e6)
+            self._step()
             if now >= next_progress:
                 self._progress(now - t_start)
                 next_progress += cfg.progress_s
@@ -468,7 +340,8 @@ class SoakRun:
               f"overhead p99 {_percentile(self.overhead_us, 0.99):.0f} us", flush=True)
 
     def _report(self, elapsed: float, baseline: dict, final: dict) -> dict[str, Any]:
-        c, snap = self.counts, self.hub.snapshot()
+        c, snap, stats = self.counts, self.hub.snapshot(), self.engine.stats
+        accepted = sum(stats.accepted.values())
         drops = {k: v for k, v in sorted(snap.items()) if k.startswith(
             ("dropped_", "invalid_", "handshake_refused_", "requests_", "downlink_dropped"))
             and k not in ("requests_active", "requests_bound")}
@@ -494,8 +367,7 @@ class SoakRun:
                            "requests_per_s": round(c["completed"] / elapsed, 2),
                            "request_steps_with_draft": round(
                                c["drafted_steps"] / max(c["request_steps"], 1), 3),
-                           "acceptance": round(c["accepted_tokens"] / max(c["draft_tokens"], 1),
-                                               3)},
+                           "acceptance": round(accepted / max(stats.draft_tokens, 1), 3)},
             "proxy_overhead_us": _summary(self.overhead_us),
             "draft_wait_us": _summary(self.wait_us),
             "step_us": _summary(self.step_us),

@@ -15,8 +15,12 @@ from vllm_tslt.protocol import (
     Handshake,
     RequestStart,
 )
-
-from .hub_peers import FP, Device, V, make_draft
+from vllm_tslt.testing.peers import (
+    FINGERPRINT,
+    VOCAB_SIZE,
+    Peer,
+    make_draft,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +28,22 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def session(hub):
     """A device that completed its handshake: (device, session id). Closed after the test."""
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     yield dev, dev.handshake().session_id
     dev.close()
 
 
 @pytest.fixture()
 def hub():
-    h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200), vocab_size=V,
-                 vocab_fingerprint=FP, model_name="target", max_gamma=4).start()
+    h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
+                 vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT, model_name="target",
+                 max_gamma=4).start()
     yield h
     h.close()
 
 
 def test_handshake_assigns_unguessable_sessions(hub):
-    a, b = Device(hub.endpoint), Device(hub.endpoint)
+    a, b = Peer(hub.endpoint), Peer(hub.endpoint)
     try:
         ha, hb = a.handshake(), b.handshake()
         assert isinstance(ha, Handshake) and isinstance(hb, Handshake)
@@ -51,7 +56,7 @@ def test_handshake_assigns_unguessable_sessions(hub):
 
 
 def test_vocab_mismatch_is_refused_with_the_reason(hub):
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     try:
         reply = dev.handshake(fingerprint="0" * 32)
         assert isinstance(reply, Error) and reply.code == "vocab_mismatch"
@@ -99,7 +104,7 @@ def test_missing_stale_and_unbound_drafts_are_dropped_and_counted(hub, session):
 
 
 def test_garbage_and_unknown_peers_do_not_stop_the_hub(hub):
-    good, bad = Device(hub.endpoint), Device(hub.endpoint)
+    good, bad = Peer(hub.endpoint), Peer(hub.endpoint)
     try:
         bad.sock.send(b"\x00garbage\xff" * 10)
         assert isinstance(bad.recv(), Error)
@@ -138,11 +143,11 @@ def test_same_tokenizer_with_a_narrower_draft_vocabulary_is_accepted(hub):
     """Checkpoints of one family pad their vocabularies differently; the tokenizer decides."""
     from vllm_tslt.protocol import PROTOCOL_VERSION, Handshake
 
-    narrow, wide = Device(hub.endpoint), Device(hub.endpoint)
+    narrow, wide = Peer(hub.endpoint), Peer(hub.endpoint)
     try:
-        narrow.send(Handshake(PROTOCOL_VERSION, V - 8, FP, "draft"))
+        narrow.send(Handshake(PROTOCOL_VERSION, VOCAB_SIZE - 8, FINGERPRINT, "draft"))
         assert isinstance(narrow.recv(), Handshake)
-        wide.send(Handshake(PROTOCOL_VERSION, V + 8, FP, "draft"))
+        wide.send(Handshake(PROTOCOL_VERSION, VOCAB_SIZE + 8, FINGERPRINT, "draft"))
         reply = wide.recv()
         assert getattr(reply, "code", "") == "vocab_mismatch"
     finally:

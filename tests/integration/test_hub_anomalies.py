@@ -12,16 +12,21 @@ import zmq
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import ANOMALY_END_REASON, DraftHub
 from vllm_tslt.protocol import Commit, EdgeStatus, End, RequestStart
-
-from .hub_peers import FP, Device, V, make_draft
+from vllm_tslt.testing.peers import (
+    FINGERPRINT,
+    VOCAB_SIZE,
+    Peer,
+    make_draft,
+)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
 def hub():
-    h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200), vocab_size=V,
-                 vocab_fingerprint=FP, model_name="target", max_gamma=4).start()
+    h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
+                 vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT, model_name="target",
+                 max_gamma=4).start()
     yield h
     h.close()
 
@@ -29,7 +34,7 @@ def hub():
 @pytest.fixture()
 def device(hub):
     """A device with a session and request "r1" (prompt [1, 2]) bound to it."""
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     sid = dev.handshake().session_id
     assert hub.start_request("r1", sid, [1, 2], {})
     assert isinstance(dev.recv(), RequestStart)
@@ -37,7 +42,7 @@ def device(hub):
     dev.close()
 
 
-def assert_unbound(hub: DraftHub, dev: Device, request_id: str) -> None:
+def assert_unbound(hub: DraftHub, dev: Peer, request_id: str) -> None:
     """The request is gone from the hub, its device was told, and it decodes plainly."""
     end = dev.recv()
     assert isinstance(end, End) and end.request_id == request_id, end
@@ -148,7 +153,7 @@ def test_no_engine_step_call_raises_whatever_breaks_inside(hub, device, monkeypa
 
 
 def test_requests_of_other_devices_keep_their_drafts(hub, device):
-    other = Device(hub.endpoint)
+    other = Peer(hub.endpoint)
     try:
         other_sid = other.handshake().session_id
         assert hub.start_request("r2", other_sid, [7], {})

@@ -26,8 +26,13 @@ from vllm_tslt.protocol import (
     encode,
     prefix_hash,
 )
-
-from .hub_peers import FP, HELLO, Device, V, make_draft
+from vllm_tslt.testing.peers import (
+    FINGERPRINT,
+    HELLO,
+    VOCAB_SIZE,
+    Peer,
+    make_draft,
+)
 
 pytestmark = pytest.mark.integration
 MAX_SESSIONS = 8
@@ -36,8 +41,8 @@ MAX_SESSIONS = 8
 def start_hub(**options) -> DraftHub:
     config = TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200, max_sessions=MAX_SESSIONS,
                         max_requests_per_session=4, **options)
-    return DraftHub(config, vocab_size=V, vocab_fingerprint=FP, model_name="target",
-                    max_gamma=4).start()
+    return DraftHub(config, vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT,
+                    model_name="target", max_gamma=4).start()
 
 
 class FakeRouter:
@@ -58,7 +63,7 @@ def assert_alive_and_bounded(hub: DraftHub) -> None:
     assert all(len(r.drafts) <= MAX_DRAFTS_PER_REQUEST for r in hub.table.requests.values())
     for session in list(hub.table.sessions.values()):  # make room for the probe device
         hub.table.close_session(session.session_id, "test")
-    good = Device(hub.endpoint)
+    good = Peer(hub.endpoint)
     try:
         good.send(HELLO)
         reply = good.recv()
@@ -130,7 +135,7 @@ def test_random_frames_through_the_handler_keep_the_hub_sound():
 def test_random_bytes_over_the_socket_do_not_stop_the_hub():
     hub = start_hub()
     rng = random.Random(0)
-    devices = [Device(hub.endpoint, identity=b"fuzz-%d" % i) for i in range(4)]
+    devices = [Peer(hub.endpoint, identity=b"fuzz-%d" % i) for i in range(4)]
     try:
         for n in range(800):
             dev = devices[n % len(devices)]
@@ -161,7 +166,7 @@ def test_the_codec_bug_frame_does_not_stop_the_hub():
     """A DRAFT with kw=0 and an empty payload (test_fuzz_codec's known bug) must not kill the I/O
     thread: the hub counts it (internal_errors until the codec is fixed, then bad_bitstream)."""
     hub = start_hub()
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     try:
         dev.send(HELLO)
         assert isinstance(dev.recv(), Handshake)
@@ -181,7 +186,7 @@ def test_the_codec_bug_frame_does_not_stop_the_hub():
 
 def test_wrong_length_replayed_and_stale_drafts_are_dropped_and_counted():
     hub = start_hub()
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     try:
         dev.send(HELLO)
         sid = dev.recv().session_id

@@ -23,8 +23,14 @@ from vllm_tslt.protocol import (
     decode,
     encode,
 )
-
-from .hub_peers import FP, HELLO, LIMITS, Device, V, make_draft
+from vllm_tslt.testing.peers import (
+    FINGERPRINT,
+    HELLO,
+    LIMITS,
+    VOCAB_SIZE,
+    Peer,
+    make_draft,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,20 +52,21 @@ def keys(tmp_path_factory) -> dict[str, Path]:
 
 def make_hub(**options) -> DraftHub:
     config = TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200, **options)
-    return DraftHub(config, vocab_size=V, vocab_fingerprint=FP, model_name="target",
-                    max_gamma=4).start()
+    return DraftHub(config, vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT,
+                    model_name="target", max_gamma=4).start()
 
 
-class CurveDevice(Device):
+class CurveDevice(Peer):
     def __init__(self, endpoint: str, ctx: zmq.Context, secret_file: Path | None,
                  server_file: Path) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if secret_file is not None:
-            public, secret = zmq.auth.load_certificate(secret_file)
-            self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
-            self.sock.curve_serverkey = zmq.auth.load_certificate(server_file)[0]
-        self.sock.connect(endpoint)
+        self.secret_file, self.server_file = secret_file, server_file
+        super().__init__(endpoint, ctx=ctx)
+
+    def configure(self, sock: zmq.Socket) -> None:
+        if self.secret_file is not None:
+            public, secret = zmq.auth.load_certificate(self.secret_file)
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            sock.curve_serverkey = zmq.auth.load_certificate(self.server_file)[0]
 
     def silent(self, timeout_ms: int = 500) -> bool:
         return not self.sock.poll(timeout_ms)
@@ -70,7 +77,7 @@ def curve_hub(keys):
     hub = make_hub(curve_secret_key_file=str(keys["edge_secret"]),
                    curve_authorized_keys_dir=str(keys["authorized"]))
     ctx = zmq.Context()
-    devices: list[Device] = []
+    devices: list[Peer] = []
 
     def connect(name: str | None) -> CurveDevice:
         secret = keys[f"{name}_secret"] if name else None
@@ -135,8 +142,8 @@ def test_a_draft_for_another_keys_request_is_refused(curve_hub):
 
 def test_a_session_is_bound_to_the_key_that_opened_it():
     """Without sockets: the same routing id with another key is not that session (and ends it)."""
-    hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0"), vocab_size=V, vocab_fingerprint=FP,
-                   model_name="target", max_gamma=4)
+    hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0"), vocab_size=VOCAB_SIZE,
+                   vocab_fingerprint=FINGERPRINT, model_name="target", max_gamma=4)
     router = FakeRouter()
     hub.io.on_frames(router, [b"id-1", encode(HELLO)], "KEY-A" * 8)
     sid = decode(router.sent[-1][1], LIMITS).session_id
@@ -159,7 +166,7 @@ class FakeRouter:
 
 def test_rate_limit_drops_and_repeated_abuse_closes_the_session():
     hub = make_hub(max_messages_per_s=20)
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     try:
         sid = dev.handshake().session_id
         draft = encode(make_draft("unbound", [1]))
@@ -179,7 +186,7 @@ def test_rate_limit_drops_and_repeated_abuse_closes_the_session():
 
 def test_garbage_flood_closes_the_session_but_not_others():
     hub = make_hub()
-    bad, good = Device(hub.endpoint), Device(hub.endpoint)
+    bad, good = Peer(hub.endpoint), Peer(hub.endpoint)
     try:
         sid_bad, sid_good = bad.handshake().session_id, good.handshake().session_id
         for _ in range(ABUSE_MAX_STRIKES + 1):
@@ -245,7 +252,9 @@ def test_keys_cli_writes_a_loadable_keypair_and_refuses_to_overwrite(tmp_path, c
 
 
 def test_decode_limits_come_from_the_config():
-    hub = DraftHub(TsltConfig(max_k=8, max_candidates=2, max_payload_bytes=4096), vocab_size=V,
-                   vocab_fingerprint=FP, model_name="target", max_gamma=3)
-    assert hub.limits == DecodeLimits(vocab_size=V, max_k=8, max_gamma=3, max_candidates=2,
-                                      max_payload_bytes=4096, max_prompt_len=1 << 20)
+    hub = DraftHub(TsltConfig(max_k=8, max_candidates=2, max_payload_bytes=4096),
+                   vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT, model_name="target",
+                   max_gamma=3)
+    assert hub.limits == DecodeLimits(vocab_size=VOCAB_SIZE, max_k=8, max_gamma=3,
+                                      max_candidates=2, max_payload_bytes=4096,
+                                      max_prompt_len=1 << 20)

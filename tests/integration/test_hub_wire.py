@@ -22,15 +22,19 @@ from vllm_tslt.protocol import (
     RequestStart,
     prefix_hash,
 )
-
-from .hub_peers import FP, Device, V, make_draft
+from vllm_tslt.testing.peers import (
+    FINGERPRINT,
+    VOCAB_SIZE,
+    Peer,
+    make_draft,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def _hub(**options) -> DraftHub:
-    return DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", **options), vocab_size=V,
-                    vocab_fingerprint=FP, model_name="target", max_gamma=4).start()
+    return DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", **options), vocab_size=VOCAB_SIZE,
+                    vocab_fingerprint=FINGERPRINT, model_name="target", max_gamma=4).start()
 
 
 @pytest.fixture()
@@ -49,7 +53,7 @@ def _start(hub, dev, sid, rid="r1", prompt=(1, 5, 9)) -> list[int]:
 
 
 def test_pause_stops_the_wait_until_the_next_draft(hub):
-    dev = Device(hub.endpoint)
+    dev = Peer(hub.endpoint)
     sid = dev.handshake().session_id
     seq = _start(hub, dev, sid)
     t0 = time.monotonic()
@@ -72,7 +76,7 @@ def test_pause_stops_the_wait_until_the_next_draft(hub):
 
 
 def test_status_reaches_sessions_with_running_requests(hub):
-    busy, idle = Device(hub.endpoint), Device(hub.endpoint)
+    busy, idle = Peer(hub.endpoint), Peer(hub.endpoint)
     sid = busy.handshake().session_id
     idle.handshake()
     _start(hub, busy, sid)
@@ -84,15 +88,15 @@ def test_status_reaches_sessions_with_running_requests(hub):
 
 
 def test_wire_formats_are_enforced_at_handshake_and_per_draft(hub):
-    dev = Device(hub.endpoint)
-    refused = Device(hub.endpoint)
-    refused.send(Handshake(PROTOCOL_VERSION, V, FP, "draft", ("wire:dsd-fp16",)))
+    dev = Peer(hub.endpoint)
+    refused = Peer(hub.endpoint)
+    refused.send(Handshake(PROTOCOL_VERSION, VOCAB_SIZE, FINGERPRINT, "draft", ("wire:dsd-fp16",)))
     err = refused.recv()
     assert isinstance(err, Error) and err.code == "wire_format" and "wire_formats" in err.message
     reply = dev.handshake()
     assert {"wire:tslt", "wire:tkslt"} <= set(reply.capabilities)
     seq = _start(hub, dev, reply.session_id)
-    tokens, q = baseline_then_sample(torch.randn(3, V) * 3, SparsifyConfig(), "tkslt", 8,
+    tokens, q = baseline_then_sample(torch.randn(3, VOCAB_SIZE) * 3, SparsifyConfig(), "tkslt", 8,
                                      torch.rand(3, dtype=torch.float64))
     dev.send(Draft("r1", len(seq), prefix_hash(seq), tokens, q))
     got = hub.collect(["r1"], deadline_s=2.0)["r1"]
@@ -100,7 +104,7 @@ def test_wire_formats_are_enforced_at_handshake_and_per_draft(hub):
     hub.commit("r1", len(seq) + 1, [3])
     dev.drain()
     seq = [*seq, 3]
-    _, dense = baseline_then_sample(torch.randn(3, V) * 3, SparsifyConfig(), "dsd-fp16", 1,
+    _, dense = baseline_then_sample(torch.randn(3, VOCAB_SIZE) * 3, SparsifyConfig(), "dsd-fp16", 1,
                                     torch.rand(3, dtype=torch.float64))
     dev.send(Draft("r1", len(seq), prefix_hash(seq), tokens, dense))
     assert hub.collect(["r1"], deadline_s=0.3) == {}

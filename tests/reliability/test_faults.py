@@ -17,7 +17,6 @@ import time
 import tracemalloc
 
 import pytest
-import torch
 
 from vllm_tslt.agent.config import AgentConfig
 from vllm_tslt.agent.drafter import Drafter
@@ -26,11 +25,12 @@ from vllm_tslt.edge import sessions as sessions_module
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import MAX_MISSED_DEADLINES, DraftHub
 from vllm_tslt.edge.launch import free_port
-from vllm_tslt.protocol import Draft, prefix_hash
+from vllm_tslt.testing.devices import TableDevice
+from vllm_tslt.testing.engine import BatchEngine, Job
+from vllm_tslt.testing.peers import FINGERPRINT
+from vllm_tslt.testing.targets import HFTarget, TableTarget
 
-from .engine import BatchEngine, HFTarget, Job, TableTarget
 from .netfaults import DeviceProcess, PartitionRelay
-from .peers import FINGERPRINT, ScriptedPeer
 
 pytestmark = pytest.mark.integration
 
@@ -281,30 +281,6 @@ def test_idle_device_learns_that_its_session_expired(models, fast_idle_expiry):
 # ----------------------------------------------------------------------------------------------
 
 
-class HonestPeer(ScriptedPeer):
-    """Drafts γ = 3 tokens from the table target itself (top-16, 12 bits), honestly sampled."""
-
-    def __init__(self, endpoint: str, target: TableTarget, seed: int) -> None:
-        super().__init__(endpoint, target.vocab_size, f"honest{seed}")
-        self.target = target
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def on_context(self, request_id: str) -> None:
-        from vllm_tslt.core.sparsify import SparseQ, SparsifyConfig, sparsify_then_sample
-
-        with self.lock:
-            seq = list(self.seqs[request_id])
-        ctx, tokens, rows = list(seq), [], []
-        for _ in range(3):
-            logits = torch.log(self.target.next_probs(ctx)).float().view(1, -1)
-            tok, q = sparsify_then_sample(logits, SparsifyConfig(top_k=16), self.gen)
-            tokens.append(int(tok[0]))
-            rows.append(q)
-            ctx.append(int(tok[0]))
-        self.send(Draft(request_id, len(seq), prefix_hash(seq), torch.tensor(tokens),
-                        SparseQ.concat(rows)), "draft")
-
-
 def _edge_bytes(snapshot: tracemalloc.Snapshot) -> int:
     """Live bytes allocated by the edge's code (hub, guard, config) and the wire codec."""
     filters = [tracemalloc.Filter(True, "*/vllm_tslt/edge/*"),
@@ -357,8 +333,9 @@ REQUESTS_PER_ROUND = 100
 def _device_round(hub: DraftHub, target: TableTarget, rnd: int) -> None:
     port = int(hub.endpoint.rsplit(":", 1)[1])
     relay = PartitionRelay("127.0.0.1", port)
-    peers = [HonestPeer(hub.endpoint if i < 8 else relay.endpoint, target, seed=10 * rnd + i)
-             for i in range(10)]
+    # Honest devices drafting γ = 3 from the target itself (top-16, 12 bits).
+    peers = [TableDevice(hub.endpoint if i < 8 else relay.endpoint, target, gamma=3, top_k=16,
+                         seed=10 * rnd + i) for i in range(10)]
     try:
         for p in peers:
             p.start()

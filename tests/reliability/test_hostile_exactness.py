@@ -36,9 +36,9 @@ from vllm_tslt.core.sparsify import SparseQ, quantize_masses, sample_from_sparse
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import DraftHub
 from vllm_tslt.protocol import Draft, prefix_hash
-
-from .engine import BatchEngine, Job, TableTarget
-from .peers import FINGERPRINT, ScriptedPeer
+from vllm_tslt.testing.engine import BatchEngine, Job
+from vllm_tslt.testing.peers import FINGERPRINT, ScriptedPeer
+from vllm_tslt.testing.targets import TableTarget
 
 pytestmark = [pytest.mark.statistical, pytest.mark.integration]
 
@@ -131,8 +131,7 @@ class AdversarialHonestDevice(ScriptedPeer):
                      SparseQ.concat(rows), torch.stack(alts) if m > 1 else None)
 
     def on_context(self, request_id: str) -> None:
-        with self.lock:
-            seq = list(self.seqs[request_id])
+        seq = self.context(request_id)
         rng = self.rng
         name = rng.choice(list(BUILDERS))
         gamma = MAX_GAMMA if rng.random() < 0.5 else rng.randint(1, MAX_GAMMA)
@@ -179,9 +178,7 @@ class LyingDevice(ScriptedPeer):
                      SparseQ.concat(rows))
 
     def on_context(self, request_id: str) -> None:
-        with self.lock:
-            seq = list(self.seqs[request_id])
-        self.send(self.lie(request_id, seq), "own")
+        self.send(self.lie(request_id, self.context(request_id)), "own")
 
     def tick(self) -> None:
         for rid, seq in self.victim.snapshot().items():  # oracle: the victim's exact state
