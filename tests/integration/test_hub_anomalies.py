@@ -9,24 +9,16 @@ import time
 import pytest
 import zmq
 
-from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import ANOMALY_END_REASON, DraftHub
 from vllm_tslt.protocol import Commit, EdgeStatus, End, RequestStart
-from vllm_tslt.testing.peers import (
-    FINGERPRINT,
-    VOCAB_SIZE,
-    Peer,
-    make_draft,
-)
+from vllm_tslt.testing.peers import Peer, make_draft, make_hub
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
 def hub():
-    h = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
-                 vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT, model_name="target",
-                 max_gamma=4).start()
+    h = make_hub(draft_deadline_ms=200)
     yield h
     h.close()
 

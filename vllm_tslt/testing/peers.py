@@ -6,7 +6,7 @@
   started or advanced since it last drained its socket (older contexts are skipped, as a real device
   does); subclasses draft there (vllm_tslt.testing.devices). ``stop()`` joins the thread and
   closes the socket (no goodbye: the edge sees a vanished device) unless ``goodbye=True``.
-- ``make_draft``: a valid draft for a sequence, from random logits.
+- ``make_draft``: a valid draft for a sequence, from random logits; ``make_hub``: a hub for them.
 
 Defaults (``VOCAB_SIZE``, ``FINGERPRINT``, ``HELLO``, ``LIMITS``) match a hub built for tests with
 ``vocab_size=VOCAB_SIZE, vocab_fingerprint=FINGERPRINT``.
@@ -22,6 +22,8 @@ import torch
 import zmq
 
 from vllm_tslt.core.sparsify import SparsifyConfig, sparsify_then_sample
+from vllm_tslt.edge.config import TsltConfig
+from vllm_tslt.edge.hub import DraftHub
 from vllm_tslt.protocol import (
     PROTOCOL_VERSION,
     Commit,
@@ -193,3 +195,11 @@ def make_draft(request_id: str, sequence: list[int], gamma: int = 3, seed: int =
                                     torch.rand(gamma, m, dtype=torch.float64, generator=g))
     return Draft(request_id, len(sequence), prefix_hash(sequence) if prefix is None else prefix,
                  cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
+
+
+def make_hub(*, start: bool = True, max_gamma: int = 4, **config: Any) -> DraftHub:
+    """A draft hub on a free loopback port for the default peers (VOCAB_SIZE, FINGERPRINT);
+    `config` are TsltConfig fields."""
+    hub = DraftHub(TsltConfig(**{"bind": "tcp://127.0.0.1:0", **config}), vocab_size=VOCAB_SIZE,
+                   vocab_fingerprint=FINGERPRINT, model_name="target", max_gamma=max_gamma)
+    return hub.start() if start else hub
