@@ -61,6 +61,12 @@ def test_rewrite_requires_gamma_and_refuses_a_draft_model():
         rewrite_tslt_options({"method": "tslt"}, {})
     with pytest.raises(TsltConfigError, match=r"speculative_config\.model"):
         rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2, "model": "x"}, {})
+    with pytest.raises(TsltConfigError, match=r"rejection_sample_method.*'synthetic'"):
+        rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2,
+                              "rejection_sample_method": "synthetic"}, {})
+    spec, _ = rewrite_tslt_options({"method": "tslt", "num_speculative_tokens": 2,
+                                    "rejection_sample_method": "standard"}, {})
+    assert spec["rejection_sample_method"] == "standard"
 
 
 def test_rewrite_keeps_other_additional_config():

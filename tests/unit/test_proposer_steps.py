@@ -154,3 +154,17 @@ def test_expected_rejection_records_are_dropped_once_and_others_kept():
     assert filt.filter(record(fill_msg, (42, "req-1")))  # consumed: a second one is real
     assert filt.filter(record(fill_msg, (43, "req-1")))  # a token we did not keep
     assert filt.filter(record("something else %s", ("x",)))
+
+
+def test_drafts_are_capped_while_a_request_is_short_of_min_tokens(proposer):
+    """docs/exactness.md note 11: the bonus after n drafts is output L + n; vLLM masks its stop
+    tokens whenever L < min_tokens, so the proxy hands out n <= min_tokens - L - 1."""
+    proposer._min_tokens["r"] = (8, 5)  # prompt of 8 tokens, min_tokens = 5
+    draft = _draft("r", [3, 4, 5, 6])
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r"]))
+    proposer.hub.collect = lambda ids, deadline: {"r": draft}
+    proposer.bind_step(runner, None)
+    handed = [proposer.propose([[1]], [length], None)[0] for length in (9, 10, 11, 12, 13, 14)]
+    # outputs L = 1..6: caps 3, 2, 1, 0, then no cap (L >= 5)
+    assert [len(t) for t in handed] == [3, 2, 1, 0, 4, 4]
+    assert "r" not in proposer._min_tokens

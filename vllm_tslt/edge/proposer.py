@@ -103,6 +103,8 @@ class TsltProposer:
         self._pending_step = -1
         self._step = 0  # engine steps begun (model runner state updates)
         self._cut_mode: dict[str, str] = {}  # structured-output requests -> patches.structured mode
+        # request -> (prompt length, min_tokens) while min_tokens > 0: see _min_tokens_cap
+        self._min_tokens: dict[str, tuple[int, int]] = {}
         self.step_cost = StepCost()
         self._status_at = 0.0
 
@@ -124,6 +126,7 @@ class TsltProposer:
             self._max_len.pop(rid, None)
             self._pending.pop(rid, None)
             self._cut_mode.pop(rid, None)
+            self._min_tokens.pop(rid, None)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any,
                 token_ids_cpu: Any, slot_mappings: Any = None) -> list[list[int]]:
@@ -142,9 +145,10 @@ class TsltProposer:
         t2 = time.perf_counter()
         out: list[list[int]] = []
         self._pending, self._pending_step = {}, self._step
-        for rid in req_ids:
+        for i, rid in enumerate(req_ids):
             draft = drafts.get(rid)
-            tokens = [] if draft is None else draft.tokens[: self.max_gamma].tolist()
+            cap = self._min_tokens_cap(rid, int(num_tokens_no_spec[i])) if drafts else 0
+            tokens = [] if draft is None else draft.tokens[: cap].tolist()
             if draft is not None:
                 self._pending[rid] = (draft, len(tokens))
             out.append(tokens)
@@ -154,6 +158,23 @@ class TsltProposer:
         self.hub.count("proxy_overhead_us", int(((t1 - t0) + (t3 - t2)) * 1e6))
         self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out))
         return out
+
+    def _min_tokens_cap(self, rid: str, length: int) -> int:
+        """Most draft tokens request rid may be handed for the step after this one.
+
+        NOTE: vLLM 0.32 masks stop tokens in the bonus row whenever the request has fewer than
+        min_tokens outputs *before* the step, ignoring the drafts ahead of the bonus
+        (docs/exactness.md note 11; tests/statistical/test_vllm_sampler_gaps.py). With L outputs
+        and n drafts the bonus is output L + n, so n <= min_tokens - L - 1 keeps its mask right.
+        """
+        bounds = self._min_tokens.get(rid)
+        if bounds is None:
+            return self.max_gamma
+        outputs = length - bounds[0]
+        if outputs >= bounds[1]:
+            del self._min_tokens[rid]
+            return self.max_gamma
+        return min(self.max_gamma, max(0, bounds[1] - outputs - 1))
 
     def _report_status(self, now: float, running: int) -> None:
         interval = self.config.status_interval_s
@@ -181,6 +202,9 @@ class TsltProposer:
             mode = cut_mode(params)
             if ok and mode != "none":
                 self._cut_mode[rid] = mode
+            min_tokens = int(getattr(params, "min_tokens", 0) or 0)
+            if ok and min_tokens > 0:
+                self._min_tokens[rid] = (len(prompt), min_tokens)
             sent = len(prompt) if ok else -1
             self._committed[rid] = sent
             max_tokens = getattr(params, "max_tokens", None)

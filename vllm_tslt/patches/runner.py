@@ -107,6 +107,9 @@ def _wrap_rejection_sample(original):
                 draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                 draft_probs, target_logits, bonus_token_ids, sampling_metadata,
                 use_fp64_gumbel=kwargs.get("use_fp64_gumbel", False))
+        if draft_probs is not None:
+            draft_token_ids, draft_probs = reject_placeholders(
+                draft_token_ids, num_draft_tokens, draft_probs, sampling_metadata)
         return original(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                         draft_probs, target_logits, bonus_token_ids, sampling_metadata,
                         *args, **kwargs)
@@ -116,3 +119,26 @@ def _wrap_rejection_sample(original):
 
 PATCHES = (*PATCHES, Patch("vllm.v1.sample.rejection_sampler", "rejection_sample", "0.32.0",
                            _wrap_rejection_sample))
+
+
+def reject_placeholders(draft_token_ids, num_draft_tokens, draft_probs, sampling_metadata):
+    """Placeholder drafts (-1: vLLM pads a request admitted with one token left to compute) must
+    be rejected, as vLLM's Triton kernel does. The CPU build's C++ kernel has no such check and
+    reads q and p at the previous row's last entry (docs/exactness.md note 5). For sampled rows,
+    give it token 0 with q = 0 there: rejected, and the recovered token is drawn from
+    max(0, p - 0) = p, exactly the Triton kernel's outcome. Greedy rows keep -1 (the greedy kernel
+    rejects it already; an id of 0 could be "accepted")."""
+    import torch
+
+    placeholder = draft_token_ids < 0  # [num_tokens]
+    if sampling_metadata.all_greedy or not bool(placeholder.any()):
+        return draft_token_ids, draft_probs
+    from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE
+
+    counts = torch.as_tensor(num_draft_tokens, device=draft_token_ids.device)
+    sampled = torch.repeat_interleave(
+        sampling_metadata.temperature != GREEDY_TEMPERATURE, counts)  # [num_tokens]
+    rows = placeholder & sampled
+    draft_probs = draft_probs.clone()
+    draft_probs[rows] = 0.0
+    return torch.where(rows, torch.zeros_like(draft_token_ids), draft_token_ids), draft_probs

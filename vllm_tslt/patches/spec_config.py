@@ -35,6 +35,12 @@ def rewrite_tslt_options(spec: dict[str, Any], additional: dict[str, Any] | None
     if not spec.get("num_speculative_tokens"):
         raise TsltConfigError("speculative_config.num_speculative_tokens: required with method "
                               "'tslt' (the largest draft length a device may send), e.g. 4")
+    if spec.get("rejection_sample_method", "standard") != "standard":
+        # "synthetic" accepts drafts at fixed rates: a benchmarking mode that changes the output
+        # distribution (docs/exactness.md row 25); the fused verifier would ignore it silently.
+        raise TsltConfigError("speculative_config.rejection_sample_method: method 'tslt' "
+                              "verifies drafts exactly; only 'standard' is allowed, got "
+                              f"{spec['rejection_sample_method']!r}")
     config = TsltConfig.from_dict(ours)
     spec.update(method="custom_class", model=PROPOSER_CLASS)
     additional = {**(additional or {}), "tslt": config.to_dict()}
