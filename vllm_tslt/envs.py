@@ -25,3 +25,9 @@ def test_switches_enabled() -> bool:
     that re-introduce known biases, e.g. `vllm_xargs.tslt_test_structured_cut`). Never set it on
     a production server."""
     return os.environ.get("VLLM_TSLT_TEST_SWITCHES", "") == "1"
+
+
+def cpu_omp_threads_bind() -> str | None:
+    """vLLM's own `VLLM_CPU_OMP_THREADS_BIND` (CPU build), None when unset: `vllm-tslt serve`
+    then picks a working binding where vLLM's "auto" would fail (vllm_tslt.serve)."""
+    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND")

@@ -8,8 +8,13 @@ detection looks for), then runs vLLM's CLI unchanged. On GPU installs it simply 
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata as md
+import logging
+import os
 import sys
+
+logger = logging.getLogger(__name__)
 
 
 def shim_vllm_version() -> str | None:
@@ -29,7 +34,46 @@ def shim_vllm_version() -> str | None:
     return version
 
 
+def local_cpu_workers(args: list[str]) -> int:
+    """CPU worker processes `vllm serve args` starts on this machine: TP x PP x local DP engines
+    (command-line flags only; a --config file's values are not read)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flags in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                  ("--data-parallel-size", "-dp"), ("--data-parallel-size-local", "-dpl")):
+        parser.add_argument(*flags, type=int, default=None)
+    known, _ = parser.parse_known_args(args)
+    dp_local = known.data_parallel_size_local or known.data_parallel_size or 1
+    return (known.tensor_parallel_size or 1) * (known.pipeline_parallel_size or 1) * dp_local
+
+
+def default_cpu_threads_bind(args: list[str]) -> str | None:
+    """On the CPU build, set VLLM_CPU_OMP_THREADS_BIND when it is absent and vLLM's "auto"
+    binding (one NUMA node per worker) cannot work, e.g. --tensor-parallel-size 2 on a one-node
+    box ("Not enough allowed NUMA nodes"). Returns the value set, if any."""
+    from vllm_tslt import envs
+    from vllm_tslt.edge.parallel import numa_node_count, omp_threads_bind
+
+    if envs.cpu_omp_threads_bind() is not None or not _is_cpu_build():
+        return None
+    value = omp_threads_bind(local_cpu_workers(args), os.sched_getaffinity(0), numa_node_count())
+    if value is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+        logger.warning("vllm-tslt: VLLM_CPU_OMP_THREADS_BIND was not set and this machine has "
+                       "fewer NUMA nodes than CPU workers; using VLLM_CPU_OMP_THREADS_BIND=%r "
+                       "(set it yourself to choose the cores)", value)
+    return value
+
+
+def _is_cpu_build() -> bool:
+    try:
+        md.version("vllm-cpu")
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def main(args: list[str]) -> int:
+    default_cpu_threads_bind(args)
     shim_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -28,6 +28,7 @@ class FakeEdgeAPI:
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
+        self.headers: list[dict] = []
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -36,6 +37,7 @@ class FakeEdgeAPI:
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.headers.append(dict(request.headers))
         chat = request.path.endswith("chat/completions")
         if not body.get("stream"):
             if chat:
@@ -168,3 +170,25 @@ def test_bad_json_is_a_400(front):
         urllib.request.urlopen(req, timeout=5)
     assert info.value.code == 400
     assert "not JSON" in json.loads(info.value.read())["error"]["message"]
+
+
+def test_data_parallel_route_header_goes_with_the_session(edge_api, session):
+    """With vLLM DP the handshake names the engine rank; bound requests carry it as the
+    X-data-parallel-rank header, unbound ones (no session: any engine) do not."""
+    route = {"rank": 1}
+    f = FrontServer(f"http://127.0.0.1:{edge_api.port}", "127.0.0.1:0", lambda: session["id"],
+                    route=lambda: route["rank"], connect_timeout_s=1.0, timeout_s=10.0)
+    f.start()
+    try:
+        client = _client(f)
+        client.completions.create(model="tiny-target", prompt="hi", max_tokens=8)
+        session["id"] = ""
+        client.completions.create(model="tiny-target", prompt="hi", max_tokens=8)
+        session["id"], route["rank"] = "sess-2", None
+        client.completions.create(model="tiny-target", prompt="hi", max_tokens=8)
+    finally:
+        f.stop()
+    ranks = [{k.lower(): v for k, v in h.items()}.get("x-data-parallel-rank")
+             for h in edge_api.headers]
+    assert ranks == ["1", None, None]
+    assert edge_api.bodies[0]["vllm_xargs"] == {"tslt_session": "sess-1"}

@@ -262,3 +262,87 @@ def test_structured_output_contract():
     # the frontend records which backend serves a request; both our processes read it
     assert "_backend" in StructuredOutputsParams.__dataclass_fields__
     assert "self.vllm_config = vllm_config" in inspect.getsource(StructuredOutputManager.__init__)
+
+
+# --- edge/parallel.py + patches (issue 15: TP, DP, PP) ------------------------------------------
+
+
+def test_tensor_parallel_contract():
+    """Rank 0 of the TP group is the output rank (PP = 1) and owns the hub; broadcast_object from
+    src=0 is the collective every rank makes for the q̃ rows; ranks sample after an all-gather."""
+    from vllm.distributed import parallel_state
+    from vllm.distributed.parallel_state import GroupCoordinator, get_tp_group
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert parallel_state.get_tp_group is get_tp_group
+    assert list(inspect.signature(GroupCoordinator.broadcast_object).parameters) == [
+        "self", "obj", "src"]
+    broadcast = inspect.getsource(GroupCoordinator.broadcast_object)
+    assert "if self.world_size == 1:" in broadcast and "group=self.cpu_group" in broadcast
+    init = inspect.getsource(GroupCoordinator.__init__)
+    assert "self.rank_in_group" in init and "self.cpu_group" in init
+    # drafts reach the scheduler from the output rank only: TP rank 0 of the last PP stage
+    output_rank = inspect.getsource(MultiprocExecutor._get_output_rank)
+    assert "self.world_size" in output_rank and "tensor_parallel_size" in output_rank
+    take = inspect.getsource(MultiprocExecutor.take_draft_token_ids)
+    assert "unique_reply_rank=self.output_rank" in take
+    # every rank builds a custom_class drafter and runs the sampler (rejection sampler included)
+    assert "create_custom_proposer(" in inspect.getsource(GPUModelRunner.__init__)
+    assert "sampled_token_ids" in SamplerOutput.__dataclass_fields__
+    sample = inspect.getsource(GPUModelRunner._sample)
+    assert "self._get_spec_decode_draft_probs(spec_decode_metadata)" in sample
+
+
+def test_data_and_pipeline_parallel_config_contract():
+    from vllm.config import ParallelConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.core import EngineCoreProc
+
+    fields = ParallelConfig.__dataclass_fields__ if hasattr(
+        ParallelConfig, "__dataclass_fields__") else ParallelConfig.model_fields
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                 "data_parallel_size_local", "data_parallel_rank", "data_parallel_rank_local",
+                 "data_parallel_index", "data_parallel_external_lb", "data_parallel_hybrid_lb"):
+        assert name in fields, name
+    # a dense model's DP engine is reconfigured as DP=1 but keeps its index and LB flags
+    reconfigure = inspect.getsource(ParallelConfig.reconfigure_for_independent_dp_rank)
+    for kept in ("data_parallel_index", "data_parallel_rank_local", "_lb"):
+        assert kept not in reconfigure, kept
+    run = inspect.getsource(EngineCoreProc.run_engine_core)
+    assert "parallel_config.data_parallel_index = dp_rank" in run
+    assert "parallel_config.data_parallel_rank_local = local_dp_rank" in run
+    # the PP refusal runs where the tslt options are rewritten, with the target's parallel config
+    assert list(inspect.signature(EngineArgs.create_speculative_config).parameters) == [
+        "self", "target_model_config", "target_parallel_config"]
+
+
+def test_data_parallel_route_header_contract():
+    """X-data-parallel-rank picks the engine (index into the API server's engines: global rank
+    with the internal LB, local index with the hybrid LB); out of range is a 400, not a crash."""
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+    from vllm.v1.engine.core_client import DPLBAsyncMPClient
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_tslt.edge.parallel import ROUTE_HEADER
+
+    assert f'raw_request.headers.get("{ROUTE_HEADER}")' in inspect.getsource(
+        GenerateBaseServing._get_data_parallel_rank)
+    assert "eng_index := request.data_parallel_rank" in inspect.getsource(
+        DPLBAsyncMPClient.get_core_engine_for_request)
+    assert "local_engines_only" in inspect.getsource(InputProcessor.process_inputs)
+
+
+def test_cpu_thread_binding_contract():
+    """VLLM_CPU_OMP_THREADS_BIND: "auto" needs a NUMA node per local worker; a "|" list has one
+    entry per worker of every local DP engine (sliced by local DP rank)."""
+    from vllm import envs as vllm_envs
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    assert "VLLM_CPU_OMP_THREADS_BIND" in vllm_envs.environment_variables
+    parse = inspect.getsource(OMPProcessManager._parse_omp_threads_bind_env)
+    assert 'vllm_mask.split("|")' in parse
+    assert "local_dp_rank * world_size : (local_dp_rank + 1) * world_size" in parse
+    assert "Not enough allowed NUMA nodes" in inspect.getsource(
+        OMPProcessManager._get_autobind_cpu_ids)

@@ -40,11 +40,15 @@ class FrontServer:
     """HTTP front bound to ``listen`` (HOST:PORT; port 0 picks a free one, see ``port``)."""
 
     def __init__(self, api: str, listen: str, session: Callable[[], str], *,
+                 route: Callable[[], int | None] = lambda: None,
                  connect_timeout_s: float = 5.0, timeout_s: float = 600.0,
                  max_request_bytes: int = 8 << 20, max_concurrent: int = 64) -> None:
         self.api = api.rstrip("/")
         self.host, self.port = parse_host_port(listen, "listen (--listen)")
         self._session = session
+        # The edge engine that issued the session, with vLLM data parallelism: the handshake's
+        # limits["data_parallel_rank"], sent as the X-data-parallel-rank header (None: no header).
+        self._route = route
         self._connect_timeout_s = connect_timeout_s
         self._timeout_s = timeout_s
         self._max_request_bytes = max_request_bytes
@@ -153,6 +157,7 @@ class FrontServer:
         if not isinstance(xargs, dict):
             return error_json(400, "vllm_xargs must be an object", "invalid_request_error")
         session = self._session()
+        route = self._route() if session else None
         if session:
             body["vllm_xargs"] = {**xargs, "tslt_session": session}
             self.counters["bound"] += 1
@@ -161,9 +166,10 @@ class FrontServer:
             logger.info("no edge session yet: %s forwarded unbound (the edge decodes alone)",
                         request.path)
         async with self._slots:  # type: ignore[union-attr]
-            return await self._relay(request, body)
+            return await self._relay(request, body, route)
 
-    async def _relay(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, body: dict[str, Any],
+                     route: int | None = None) -> web.StreamResponse:
         stream = bool(body.get("stream"))
         # NOTE: a stream may run for minutes: bound the wait between chunks, not the total.
         timeout = aiohttp.ClientTimeout(total=None if stream else self._timeout_s,
@@ -171,8 +177,11 @@ class FrontServer:
                                         sock_read=self._timeout_s)
         out: web.StreamResponse | None = None
         try:
+            headers = self._headers(request)
+            if route is not None:  # to the engine whose draft hub holds this device's session
+                headers["X-data-parallel-rank"] = str(route)
             async with self._http.post(self.api + request.path, json=body,  # type: ignore[union-attr]
-                                       headers=self._headers(request), timeout=timeout) as resp:
+                                       headers=headers, timeout=timeout) as resp:
                 if not (stream and resp.status == 200):
                     data = await resp.read()
                     return web.Response(body=data, status=resp.status,

@@ -29,6 +29,7 @@ class Agent:
         self.runtime = DraftRuntime(config, drafter)
         self.front = FrontServer(
             config.api, config.listen, lambda: self.runtime.session_id,
+            route=lambda: self.runtime.client.edge_limits.get("data_parallel_rank"),
             connect_timeout_s=config.api_connect_timeout_s, timeout_s=config.api_timeout_s,
             max_request_bytes=config.max_request_bytes,
             max_concurrent=config.max_concurrent_requests)

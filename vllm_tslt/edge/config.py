@@ -52,6 +52,9 @@ class TsltConfig:
     status_interval_s: float = 0.25
     # Where the hub writes its counters for the API server's /metrics ("" = a temp file per port).
     stats_path: str = ""
+    # Debug check with --tensor-parallel-size > 1: compare every rank's sampled tokens each step
+    # (one small all-gather per step); a mismatch is logged and counted (tp_divergent_steps).
+    tp_check: bool = False
 
     def __post_init__(self) -> None:
         if not (self.bind.startswith("tcp://") or self.bind.startswith("ipc://")):
@@ -75,6 +78,8 @@ class TsltConfig:
         object.__setattr__(self, "wire_formats", tuple(formats))
         if not 0 <= self.status_interval_s <= 3600:
             raise _fail("status_interval_s", f"must be in [0, 3600], got {self.status_interval_s}")
+        if not isinstance(self.tp_check, bool):
+            raise _fail("tp_check", f"must be true or false, got {self.tp_check!r}")
         self._check_curve()
 
     def _check_curve(self) -> None:
@@ -116,6 +121,9 @@ class TsltConfig:
                     value = float(value)
                 elif want == "int" and isinstance(value, str):
                     value = int(value)
+                elif want == "bool" and isinstance(value, str) and \
+                        value.lower() in ("true", "false"):
+                    value = value.lower() == "true"
             except ValueError:
                 raise _fail(name, f"expected a number, got {value!r}") from None
             coerced[name] = value

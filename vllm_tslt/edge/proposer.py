@@ -22,12 +22,16 @@ from vllm_tslt.protocol import Draft, EdgeStatus, vocab_fingerprint
 
 from .config import TsltConfig
 from .hub import DraftHub
+from .parallel import EdgeParallel, InertHub
 from .stats import StatsWriter
 from .verify import SparseDraftProbs
 
 logger = logging.getLogger(__name__)
 
 SESSION_KEY = "tslt_session"  # vllm_xargs / SamplingParams.extra_args key naming the device session
+# Test-only (VLLM_TSLT_TEST_SWITCHES=1): TP ranks other than 0 verify this request's drafts with
+# one-hot rows instead of rank 0's q̃ (the negative control of the tp_check debug check).
+TEST_TP_PERTURB_KEY = "tslt_test_tp_perturb"
 STEP_COST_HALF_LIFE = 32.0  # steps
 
 
@@ -78,21 +82,26 @@ class TsltProposer:
 
     def __init__(self, vllm_config: Any) -> None:
         options = (vllm_config.additional_config or {}).get("tslt", {})
-        self.config = TsltConfig.from_dict(options)
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise NotImplementedError(
-                "speculative_config.method 'tslt' supports tensor_parallel_size 1 in this version "
-                "(drafts are received on one rank and not yet broadcast)")
+        config = TsltConfig.from_dict(options)
+        # TP: rank 0 alone owns the hub and broadcasts q̃; DP: one hub per rank (edge/parallel.py).
+        self.parallel = EdgeParallel.from_vllm_config(vllm_config, config)
+        self.config = self.parallel.rank_config(config, options)
         model_config = vllm_config.model_config
         self.max_gamma = int(vllm_config.speculative_config.num_speculative_tokens)
         self.vocab_size = int(model_config.get_vocab_size())
         served = model_config.served_model_name
         model_name = served[0] if isinstance(served, list) else (served or model_config.model)
-        self.hub = DraftHub(self.config, vocab_size=self.vocab_size,
-                            vocab_fingerprint=_tokenizer_fingerprint(model_config),
-                            model_name=str(model_config.model if served is None else model_name),
-                            max_gamma=self.max_gamma).start()
-        self.stats = StatsWriter(self.hub, self.config.stats_path or None).start()
+        self.hub: DraftHub | InertHub = InertHub()
+        self.stats: StatsWriter | None = None
+        if self.parallel.owns_hub:
+            self.hub = DraftHub(self.config, vocab_size=self.vocab_size,
+                                vocab_fingerprint=_tokenizer_fingerprint(model_config),
+                                model_name=str(model_config.model if served is None
+                                               else model_name),
+                                max_gamma=self.max_gamma)
+            self.hub.io.extra_limits.update(self.parallel.handshake_limits())
+            self.hub.start()
+            self.stats = StatsWriter(self.hub, self.config.stats_path or None).start()
         self._runner: Any = None
         self._committed: dict[str, int] = {}  # request -> committed length sent (-1: unbound)
         self._max_len: dict[str, int] = {}  # request -> prompt + max_tokens
@@ -228,7 +237,13 @@ class TsltProposer:
         A row whose scheduled tokens are not a prefix of the draft we handed out (or whose draft is
         gone) is one-hot at the scheduled token: always lossless (DESIGN.md rule 7).
         """
-        q, alternatives = self._gather(req_ids, metadata)
+        # A TP collective: every rank gets rank 0's rows (rule 9), or None on every rank when
+        # building them failed there: then one-hot rows everywhere (rule 7), never a hang.
+        shared = self.parallel.share_from_rank0(lambda: self._gather(req_ids, metadata),
+                                                self._gather_failed)
+        if shared is None or self._perturbed_for_test(req_ids):
+            shared = _one_hot_rows(metadata)
+        q, alternatives = shared
         if self.config.verifier == "fused":
             return SparseDraftProbs(q.indices, q.probs(), alternatives)
         if isinstance(q, FloatQ):  # a baseline wire format (benchmarks): dense on the CPU
@@ -237,6 +252,34 @@ class TsltProposer:
 
         return auto_scatter_sparse_q(q.indices.to(device), q.counts.to(device), self.vocab_size,
                                      quant_bits=q.quant_bits)
+
+    def _gather_failed(self, exc: BaseException) -> None:
+        self._pending = {}
+        self.hub.count("anomaly_draft_probs_failed")
+        logger.warning("TSLT: building the q̃ rows failed (%s); this step verifies one-hot", exc,
+                       exc_info=exc)
+
+    def _perturbed_for_test(self, req_ids: list[str]) -> bool:
+        """The tp_check negative control: a TP rank other than 0 ignores rank 0's q̃."""
+        from vllm_tslt import envs
+
+        if self.parallel.tp_rank == 0 or not envs.test_switches_enabled():
+            return False
+        requests = getattr(self._runner, "requests", {})
+        for rid in req_ids:
+            params = getattr(requests.get(rid), "sampling_params", None)
+            if (getattr(params, "extra_args", None) or {}).get(TEST_TP_PERTURB_KEY):
+                return True
+        return False
+
+    def check_sampled(self, sampled_token_ids: torch.Tensor) -> None:
+        """tp_check: every rank's sampled tokens this step must equal rank 0's (a TP collective,
+        called by the model runner after sampling on every rank)."""
+        divergent = self.parallel.check_sampled(sampled_token_ids.tolist())
+        if divergent:
+            self.hub.count("tp_divergent_steps")
+            logger.error("TSLT tp_check: TP ranks %s sampled other tokens than rank 0 in step %d "
+                         "(their q̃ or logits differ: DESIGN.md rule 9)", divergent, self._step)
 
     def _gather(self, req_ids: list[str],
                 metadata: Any) -> tuple[SparseQ | FloatQ, torch.Tensor | None]:
@@ -265,6 +308,12 @@ class TsltProposer:
                 alts.append(torch.empty(n, 0, dtype=torch.int64))
                 self.hub.count("draft_rows_one_hot", n)
         return concat_rows(parts), _pad_alternatives(alts)
+
+
+def _one_hot_rows(metadata: Any) -> tuple[SparseQ, None]:
+    """Every scheduled draft token verified one-hot (rule 7): identical on every TP rank."""
+    scheduled = metadata.draft_token_ids.to("cpu", torch.int64)  # [num_draft_tokens]
+    return SparseQ.one_hot(scheduled, quant_bits=1), None
 
 
 def _pad_alternatives(alts: list[torch.Tensor]) -> torch.Tensor | None:

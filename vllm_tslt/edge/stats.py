@@ -75,22 +75,31 @@ COUNTERS = (
      "Sessions closed for repeated invalid or over-limit messages"),
     ("vllm_tslt_internal_errors", "internal_errors",
      "Exceptions while handling one device message (the hub kept running)"),
+    ("vllm_tslt_tp_divergent_steps", "tp_divergent_steps",
+     "Steps whose sampled tokens differed between TP ranks (speculative_config.tp_check)"),
 )
 DROP_PREFIXES = ("dropped_", "invalid_", "handshake_refused_", "requests_unknown_session",
                  "requests_over_session_limit")
 
 
 class HubMetricsCollector:
-    """prometheus_client custom collector reading the worker's snapshot file."""
+    """prometheus_client custom collector reading the workers' snapshot files: one per hub (with
+    data parallelism one per DP rank), numbers summed."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, *paths: Path) -> None:
+        self.paths = paths
 
     def read(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        merged: dict[str, Any] = {}
+        for path in self.paths:
+            try:
+                snap = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for key, value in snap.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    merged[key] = merged.get(key, 0) + value
+        return merged
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -122,11 +131,13 @@ class HubMetricsCollector:
 _registered: set[str] = set()
 
 
-def register_metrics(path: Path) -> None:
-    """Register the collector once per path in this process (the API server's registry)."""
-    if str(path) in _registered:
+def register_metrics(*paths: Path) -> None:
+    """Register one collector for these paths, once per path set in this process (the API
+    server's registry)."""
+    key = "|".join(str(p) for p in paths)
+    if key in _registered:
         return
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(HubMetricsCollector(path))
-    _registered.add(str(path))
+    REGISTRY.register(HubMetricsCollector(*paths))
+    _registered.add(key)

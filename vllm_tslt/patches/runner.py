@@ -6,7 +6,8 @@
   `propose_draft_token_ids` is not called): the wrapper hands the step's finished request ids to
   the proposer, so the last request of a burst is freed at once.
 - `_sample`: a step with no draft token takes vLLM's plain sampler (the same distribution),
-  not the rejection sampler on empty tensors.
+  not the rejection sampler on empty tensors; with TP and ``tp_check`` on, the ranks' sampled
+  tokens are compared after sampling (`TsltProposer.check_sampled`).
 - `_get_spec_decode_draft_probs`: the only way draft probabilities reach vLLM's rejection sampler;
   the wrapper returns the devices' sparse q̃ for exactly the drafts vLLM scheduled (dense, "scatter"
   verifier) or a `SparseDraftProbs` handle for the fused sparse verifier.
@@ -67,10 +68,16 @@ def _wrap_sample(original):
         # "bonus" with this very sampler and metadata (the uniforms and recovery noise it also
         # draws are for draft rows and skip every request with none, seeded or not), so the plain
         # sampler gives the same distribution and the same seeded streams, ~0.4 ms cheaper.
-        if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0
-                and _is_tslt(self)):
-            return original(self, logits, None)
-        return original(self, logits, spec_decode_metadata)
+        # NOTE: with TP every rank takes the same branch: max_spec_len comes from the scheduler
+        # output, which is identical on every rank.
+        if not _is_tslt(self):
+            return original(self, logits, spec_decode_metadata)
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            output = original(self, logits, None)
+        else:
+            output = original(self, logits, spec_decode_metadata)
+        self.drafter.check_sampled(output.sampled_token_ids)  # tp_check (TP > 1), else nothing
+        return output
 
     return _sample
 

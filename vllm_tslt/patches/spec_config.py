@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 from .patch import Patch
@@ -52,20 +51,26 @@ def _wrap(original):
     def create_speculative_config(self, target_model_config, target_parallel_config):
         spec = self.speculative_config
         if isinstance(spec, dict) and spec.get("method") == METHOD:
+            from vllm_tslt.edge.parallel import DP_SIZE_KEY, refuse_pipeline_parallel
+
+            refuse_pipeline_parallel(int(target_parallel_config.pipeline_parallel_size))
             self.speculative_config, self.additional_config = rewrite_tslt_options(
                 spec, self.additional_config)
-            _register_metrics(self.additional_config["tslt"])
+            self.additional_config[DP_SIZE_KEY] = int(target_parallel_config.data_parallel_size)
+            _register_metrics(self.additional_config["tslt"], target_parallel_config)
         return original(self, target_model_config, target_parallel_config)
 
     return create_speculative_config
 
 
-def _register_metrics(options: dict[str, Any]) -> None:
-    # This runs in the process that builds the engine config: the API server, which serves /metrics.
-    from vllm_tslt.edge.stats import default_stats_path, register_metrics
+def _register_metrics(options: dict[str, Any], parallel_config: Any) -> None:
+    # This runs in the process that builds the engine config: the API server, which serves /metrics
+    # (with DP, merged over the hubs of the engines it serves: one per DP rank).
+    from vllm_tslt.edge.parallel import rank_stats_path, served_data_parallel_ranks
+    from vllm_tslt.edge.stats import register_metrics
 
-    path = options.get("stats_path")
-    register_metrics(Path(path) if path else default_stats_path(options["bind"]))
+    register_metrics(*(rank_stats_path(options, rank)
+                       for rank in served_data_parallel_ranks(parallel_config)))
 
 
 PATCH = Patch("vllm.engine.arg_utils:EngineArgs", "create_speculative_config", "0.32.0", _wrap)
