@@ -31,3 +31,10 @@ def cpu_omp_threads_bind() -> str | None:
     """vLLM's own `VLLM_CPU_OMP_THREADS_BIND` (CPU build), None when unset: `vllm-tslt serve`
     then picks a working binding where vLLM's "auto" would fail (vllm_tslt.serve)."""
     return os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+
+def launcher_pid() -> int | None:
+    """`VLLM_TSLT_LAUNCHER_PID`: set by vllm_tslt.edge.launch on the servers it starts; such a
+    server stops itself and its children when that process is gone. None when unset."""
+    value = os.environ.get("VLLM_TSLT_LAUNCHER_PID", "")
+    return int(value) if value.isdigit() else None

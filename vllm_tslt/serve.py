@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from vllm_tslt.edge.launch import exit_with_launcher
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,6 +75,7 @@ def _is_cpu_build() -> bool:
 
 
 def main(args: list[str]) -> int:
+    exit_with_launcher()  # a server started by vllm_tslt.edge.launch stops when its launcher is gone
     default_cpu_threads_bind(args)
     shim_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
