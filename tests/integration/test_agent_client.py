@@ -53,9 +53,9 @@ def pump(client: EdgeClient, until, timeout_s: float = 5.0, sink: list | None = 
     raise AssertionError(f"condition not met within {timeout_s} s (state {client.state})")
 
 
-def tiny_draft(request_id: str) -> Draft:
+def tiny_draft(handle: int) -> Draft:
     q = SparseQ(torch.tensor([[3]], dtype=torch.int32), torch.tensor([[4096]], dtype=torch.int32), 12)
-    return Draft(request_id, 2, 0, torch.tensor([3]), q)
+    return Draft(handle, 2, 0, torch.tensor([3]), q)
 
 
 def test_handshake_binds_a_request_and_says_goodbye():
@@ -157,10 +157,10 @@ def test_unknown_peer_and_silence_trigger_a_new_handshake():
     try:
         _pump_with(router, client, lambda: client.session_id == "s1")
         router.answer_drafts_with = Error("unknown_peer", "handshake first")
-        assert client.send(tiny_draft("r"))
+        assert client.send(tiny_draft(1))
         _pump_with(router, client, lambda: client.session_id == "s2")
         router.answer_drafts_with = None  # now the edge goes silent
-        assert client.send(tiny_draft("r"))
+        assert client.send(tiny_draft(1))
         t0 = time.monotonic()
         _pump_with(router, client, lambda: client.session_id == "s3")
         assert time.monotonic() - t0 >= 0.3
@@ -179,7 +179,7 @@ def test_no_edge_means_backoff_and_no_session():
         while time.monotonic() - t0 < 0.8:
             client.step()
             client.poll(0.01)
-        assert not client.ready and client.send(tiny_draft("r")) == 0
+        assert not client.ready and client.send(tiny_draft(1)) == 0
         assert client._backoff == 0.2  # doubled up to reconnect_max_s
     finally:
         client.close()

@@ -73,13 +73,13 @@ def test_request_commit_draft_collect_end(hub, session):
     start = dev.recv()
     assert isinstance(start, RequestStart) and start.prompt_ids == tuple(prompt)
     hub.commit("r1", 4, [7])
-    assert dev.recv() == Commit("r1", 4, (7,))
+    assert dev.recv() == Commit(1, 4, (7,))
     seq = [*prompt, 7]
-    dev.send(make_draft("r1", seq))
+    dev.send(make_draft(1, seq))
     drafts = hub.collect(["r1"], deadline_s=2.0)
     assert drafts["r1"].committed_len == 4 and drafts["r1"].gamma == 3
     hub.end_request("r1", "finished")
-    assert dev.recv() == End("r1", "finished")
+    assert dev.recv() == End(1, "finished")
     snap = hub.snapshot()
     assert snap["drafts_used"] == 1 and snap["requests_active"] == 0
     assert snap["uplink_bytes"] > 0 and snap["downlink_bytes"] > 0
@@ -92,10 +92,10 @@ def test_missing_stale_and_unbound_drafts_are_dropped_and_counted(hub, session):
     t0 = time.monotonic()
     assert hub.collect(["r1"], deadline_s=0.15) == {}  # nothing sent: missing
     assert 0.14 <= time.monotonic() - t0 < 1.0
-    dev.send(make_draft("r1", [1, 3]))  # right length, wrong prefix: stale
+    dev.send(make_draft(1, [1, 3]))  # right length, wrong prefix: stale
     time.sleep(0.1)
     assert hub.collect(["r1"], deadline_s=0.1) == {}
-    dev.send(make_draft("nope", [1, 2]))  # not this device's request
+    dev.send(make_draft(99, [1, 2]))  # not this device's request
     time.sleep(0.1)
     snap = hub.snapshot()
     assert snap["dropped_missing"] == 1 and snap["dropped_stale"] == 1
@@ -108,7 +108,7 @@ def test_garbage_and_unknown_peers_do_not_stop_the_hub(hub):
     try:
         bad.sock.send(b"\x00garbage\xff" * 10)
         assert isinstance(bad.recv(), Error)
-        bad.send(make_draft("r1", [1]))  # valid format, but no handshake
+        bad.send(make_draft(1, [1]))  # valid format, but no handshake
         reply = bad.recv()
         assert isinstance(reply, Error) and reply.code == "unknown_peer"
         sid = good.handshake().session_id
@@ -134,7 +134,7 @@ def test_a_silent_device_costs_at_most_a_few_deadlines(hub, session):
     t1 = time.monotonic()
     assert hub.collect(["r1"], deadline_s=0.5) == {}  # unresponsive: no wait
     assert time.monotonic() - t1 < 0.05
-    dev.send(make_draft("r1", [1, 2]))  # it speaks again: waited for again
+    dev.send(make_draft(1, [1, 2]))  # it speaks again: waited for again
     time.sleep(0.1)
     assert "r1" in hub.collect(["r1"], deadline_s=0.5)
 

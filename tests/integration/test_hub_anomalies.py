@@ -34,10 +34,11 @@ def device(hub):
     dev.close()
 
 
-def assert_unbound(hub: DraftHub, dev: Peer, request_id: str) -> None:
-    """The request is gone from the hub, its device was told, and it decodes plainly."""
+def assert_unbound(hub: DraftHub, dev: Peer, request_id: str, handle: int = 1) -> None:
+    """The request is gone from the hub, its device was told (by the request's handle), and it
+    decodes plainly."""
     end = dev.recv()
-    assert isinstance(end, End) and end.request_id == request_id, end
+    assert isinstance(end, End) and end.handle == handle, end
     assert end.reason == ANOMALY_END_REASON
     assert not hub.table.is_bound(request_id)
     t0 = time.monotonic()
@@ -73,7 +74,11 @@ def test_a_request_started_twice_is_rebound_to_the_new_prompt(hub, device):
     assert isinstance(end, End) and end.reason == ANOMALY_END_REASON
     start = dev.recv()
     assert isinstance(start, RequestStart) and start.prompt_ids == (4, 5, 6)
-    dev.send(make_draft("r1", [4, 5, 6]))
+    assert start.handle == 2  # a new binding, a new handle: drafts for the old one are void
+    dev.send(make_draft(1, [4, 5, 6]))
+    time.sleep(0.2)
+    assert hub.collect(["r1"], deadline_s=0.1) == {}
+    dev.send(make_draft(2, [4, 5, 6]))
     assert "r1" in hub.collect(["r1"], deadline_s=2.0)
     assert hub.snapshot()["requests_active"] == 1
 
@@ -85,7 +90,7 @@ def test_start_request_whose_prompt_message_cannot_be_encoded(hub, device):
     assert anomalies(hub) == {"anomaly_start_request_failed": 1}
     assert not hub.table.is_bound("r2") and hub.table.is_bound("r1")
     end = dev.recv()  # never the RequestStart: at most an End it can ignore
-    assert isinstance(end, End) and end.request_id == "r2", end
+    assert isinstance(end, End) and end.handle == 2, end  # r2 got handle 2 in this session
 
 
 def test_end_request_whose_send_fails(hub, device, monkeypatch):
@@ -105,7 +110,7 @@ def test_collect_with_a_deadline_that_is_not_a_number(hub, device):
         assert hub.collect(["r1"], bad) == {}
         assert time.monotonic() - t0 < 1.0
     assert anomalies(hub) == {"anomaly_collect_deadline": 2}
-    dev.send(make_draft("r1", [1, 2]))  # the request itself is fine
+    dev.send(make_draft(1, [1, 2]))  # the request itself is fine
     assert "r1" in hub.collect(["r1"], deadline_s=2.0)
 
 
@@ -153,7 +158,7 @@ def test_requests_of_other_devices_keep_their_drafts(hub, device):
         hub.commit("r1", 7, [3])  # r1's anomaly
         hub.commit("r2", 2, [8])
         assert isinstance(other.recv(), Commit)
-        other.send(make_draft("r2", [7, 8]))
+        other.send(make_draft(1, [7, 8]))  # handles count per session: r2 is the other's 1
         drafts = hub.collect(["r1", "r2"], deadline_s=2.0)
         assert list(drafts) == ["r2"]
         assert anomalies(hub) == {"anomaly_commit_length": 1}

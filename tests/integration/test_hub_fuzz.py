@@ -17,6 +17,7 @@ from vllm_tslt.edge import hub as hub_module
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import MAX_DRAFTS_PER_REQUEST, DraftHub
 from vllm_tslt.protocol import (
+    NO_HANDLE,
     PROTOCOL_VERSION,
     Commit,
     End,
@@ -72,9 +73,9 @@ def assert_alive_and_bounded(hub: DraftHub) -> None:
         good.close()
 
 
-VALID = [encode(m) for m in (HELLO, make_draft("r-bound", [1, 2]), make_draft("r-bound", [1, 2, 3]),
-                             make_draft("r-other", [5], m=3), End("", "bye"), End("r-bound", "x"),
-                             Commit("r-bound", 3, (3,)), RequestStart("r", "s", (1,), {}))]
+VALID = [encode(m) for m in (HELLO, make_draft(1, [1, 2]), make_draft(1, [1, 2, 3]),
+                             make_draft(2, [5], m=3), End(NO_HANDLE, "bye"), End(1, "x"),
+                             Commit(1, 3, (3,)), RequestStart(1, "r", "s", (1,), {}))]
 MUTATION = st.tuples(st.sampled_from(["flip", "truncate", "extend"]), st.integers(0, 10**4),
                      st.binary(min_size=1, max_size=16))
 
@@ -170,8 +171,8 @@ def test_the_codec_bug_frame_does_not_stop_the_hub():
     try:
         dev.send(HELLO)
         assert isinstance(dev.recv(), Handshake)
-        dev.sock.send(msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 1, 2, 1, 1, 4, 0,
-                                     b""], use_bin_type=True))
+        dev.sock.send(msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 1, 2, 1, 1, 4, 0,
+                                     1, 1, b"\x01"], use_bin_type=True))
         dev.send(HELLO)  # the same device is still served afterwards
         reply = dev.recv()
         while not isinstance(reply, Handshake):
@@ -194,21 +195,21 @@ def test_wrong_length_replayed_and_stale_drafts_are_dropped_and_counted():
         assert isinstance(dev.recv(), RequestStart)
         hub.commit("r1", 3, [7])
         seq = [1, 2, 7]
-        dev.send(make_draft("r1", [1, 2]))  # conditioned on a shorter sequence: late
-        dev.send(make_draft("r1", [*seq, 9, 9, 9]))  # wrong (longer) committed length
-        dev.send(make_draft("r1", seq, prefix=prefix_hash(seq) ^ 1))  # right length, wrong prefix
+        dev.send(make_draft(1, [1, 2]))  # conditioned on a shorter sequence: late
+        dev.send(make_draft(1, [*seq, 9, 9, 9]))  # wrong (longer) committed length
+        dev.send(make_draft(1, seq, prefix=prefix_hash(seq) ^ 1))  # right length, wrong prefix
         time.sleep(0.2)
         assert hub.collect(["r1"], deadline_s=0.1) == {}
         snap = hub.snapshot()
         assert snap["dropped_late"] == 1 and snap["dropped_stale"] == 1
-        good = make_draft("r1", seq, seed=5)
+        good = make_draft(1, seq, seed=5)
         dev.send(good)
         used = hub.collect(["r1"], deadline_s=2.0)["r1"]
         assert torch.equal(used.tokens, good.tokens)
         hub.commit("r1", 5, [8, 4])
         dev.send(good)  # replayed after the commit: late, never used again
         for n in range(3 * MAX_DRAFTS_PER_REQUEST):  # drafts for many future lengths: bounded
-            dev.send(make_draft("r1", [*seq, 8, 4, *range(n + 1)]))
+            dev.send(make_draft(1, [*seq, 8, 4, *range(n + 1)]))
         time.sleep(0.3)
         assert hub.collect(["r1"], deadline_s=0.1) == {}
         snap = hub.snapshot()

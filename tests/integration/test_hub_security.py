@@ -15,11 +15,11 @@ from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import ABUSE_MAX_STRIKES, DraftHub
 from vllm_tslt.edge.keys_cli import register_cli, write_keypair
 from vllm_tslt.protocol import (
+    NO_HANDLE,
     DecodeLimits,
     End,
     Error,
     Handshake,
-    RequestStart,
     decode,
     encode,
 )
@@ -124,19 +124,20 @@ def test_curve_agent_client_connects_and_reports_refusal(curve_hub, keys):
             client.close()
 
 
-def test_a_draft_for_another_keys_request_is_refused(curve_hub):
+def test_a_device_cannot_draft_for_another_keys_request(curve_hub):
+    """Handles name requests within the sender's own session: bob's handle 1 is not alice's."""
     hub, connect = curve_hub
     alice, bob = connect("alice"), connect("bob")
     sid_a, sid_b = alice.handshake().session_id, bob.handshake().session_id
     assert hub.start_request("r-alice", sid_a, [1, 2], {})
-    assert isinstance(alice.recv(), RequestStart)
-    bob.send(make_draft("r-alice", [1, 2]))  # bob learned alice's request id somehow
+    assert alice.recv().handle == 1
+    bob.send(make_draft(1, [1, 2]))  # alice's handle, from bob's session
     time.sleep(0.2)
     assert hub.collect(["r-alice"], deadline_s=0.1) == {}
     snap = hub.snapshot()
-    assert snap["invalid_wrong_peer"] == 1 and snap.get("drafts_used", 0) == 0
+    assert snap["dropped_unknown_request"] == 1 and snap.get("drafts_used", 0) == 0
     assert hub.has_session(sid_a) and hub.has_session(sid_b)
-    alice.send(make_draft("r-alice", [1, 2]))  # the owner's own draft still works
+    alice.send(make_draft(1, [1, 2]))  # the owner's own draft still works
     assert "r-alice" in hub.collect(["r-alice"], deadline_s=2.0)
 
 
@@ -147,7 +148,7 @@ def test_a_session_is_bound_to_the_key_that_opened_it():
     router = FakeRouter()
     hub.io.on_frames(router, [b"id-1", encode(HELLO)], "KEY-A" * 8)
     sid = decode(router.sent[-1][1], LIMITS).session_id
-    hub.io.on_frames(router, [b"id-1", encode(make_draft("r", [1]))], "KEY-B" * 8)
+    hub.io.on_frames(router, [b"id-1", encode(make_draft(1, [1]))], "KEY-B" * 8)
     snap = hub.snapshot()
     assert snap["invalid_wrong_peer"] == 1 and not hub.has_session(sid)
     assert decode(router.sent[-1][1], LIMITS).code == "unknown_peer"
@@ -169,7 +170,7 @@ def test_rate_limit_drops_and_repeated_abuse_closes_the_session():
     dev = Peer(hub.endpoint)
     try:
         sid = dev.handshake().session_id
-        draft = encode(make_draft("unbound", [1]))
+        draft = encode(make_draft(99, [1]))
         for _ in range(20 + ABUSE_MAX_STRIKES + 10):  # far above 20 messages per second
             dev.sock.send(draft)
         reply = dev.recv()
@@ -196,7 +197,7 @@ def test_garbage_flood_closes_the_session_but_not_others():
         assert all(r.code == "malformed" for r in replies[:-1])
         assert not hub.has_session(sid_bad) and hub.has_session(sid_good)
         assert hub.snapshot()["sessions_closed_abuse"] == 1
-        bad.send(make_draft("r", [1]))
+        bad.send(make_draft(1, [1]))
         assert bad.recv().code == "unknown_peer"  # must handshake again
     finally:
         bad.close()
@@ -228,7 +229,7 @@ def test_thousands_of_sessions_and_requests_stay_bounded_and_shrink_back():
         for rid in bound:
             hub.end_request(rid, "finished")
         for i in range(2000):  # every device says goodbye (End without a request id)
-            hub.io.on_frames(router, [b"dev-%d" % i, encode(End("", "bye"))])
+            hub.io.on_frames(router, [b"dev-%d" % i, encode(End(NO_HANDLE, "bye"))])
         snap = hub.snapshot()
         assert snap["requests_active"] == 0 and snap["sessions_active"] == 0
         assert not hub.table.by_identity and not hub.table.requests

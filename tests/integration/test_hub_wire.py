@@ -59,14 +59,14 @@ def test_pause_stops_the_wait_until_the_next_draft(hub):
     t0 = time.monotonic()
     assert hub.collect(["r1"], deadline_s=0.5) == {}  # not paused: waits the deadline
     assert time.monotonic() - t0 >= 0.45
-    dev.send(Pause("r1"))
+    dev.send(Pause(1))
     deadline = time.monotonic() + 2
     while hub.snapshot().get("pauses", 0) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     t0 = time.monotonic()
     assert hub.collect(["r1"], deadline_s=0.5) == {}
     assert time.monotonic() - t0 < 0.2  # paused: no wait
-    dev.send(make_draft("r1", seq))  # drafting again resumes waiting and uses the draft
+    dev.send(make_draft(1, seq))  # drafting again resumes waiting and uses the draft
     while hub.snapshot().get("drafts_received", 0) == 0 and time.monotonic() < deadline + 2:
         time.sleep(0.01)
     assert hub.collect(["r1"], deadline_s=2.0)["r1"].committed_len == len(seq)
@@ -98,7 +98,7 @@ def test_wire_formats_are_enforced_at_handshake_and_per_draft(hub):
     seq = _start(hub, dev, reply.session_id)
     tokens, q = baseline_then_sample(torch.randn(3, VOCAB_SIZE) * 3, SparsifyConfig(), "tkslt", 8,
                                      torch.rand(3, dtype=torch.float64))
-    dev.send(Draft("r1", len(seq), prefix_hash(seq), tokens, q))
+    dev.send(Draft(1, len(seq), prefix_hash(seq), tokens, q))
     got = hub.collect(["r1"], deadline_s=2.0)["r1"]
     assert got.q.wire == "tkslt" and torch.equal(got.tokens, tokens)
     hub.commit("r1", len(seq) + 1, [3])
@@ -106,7 +106,7 @@ def test_wire_formats_are_enforced_at_handshake_and_per_draft(hub):
     seq = [*seq, 3]
     _, dense = baseline_then_sample(torch.randn(3, VOCAB_SIZE) * 3, SparsifyConfig(), "dsd-fp16", 1,
                                     torch.rand(3, dtype=torch.float64))
-    dev.send(Draft("r1", len(seq), prefix_hash(seq), tokens, dense))
+    dev.send(Draft(1, len(seq), prefix_hash(seq), tokens, dense))
     assert hub.collect(["r1"], deadline_s=0.3) == {}
     assert hub.snapshot()["invalid_wire_format"] == 1
     dev.close()

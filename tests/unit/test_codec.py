@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from vllm_tslt.core.sparsify import PAD_ID, SparseQ, SparsifyConfig, sparsify_then_sample
 from vllm_tslt.protocol import (
+    NO_HANDLE,
     PROTOCOL_VERSION,
     Commit,
     DecodeLimits,
@@ -23,6 +24,7 @@ from vllm_tslt.protocol import (
     Error,
     Handshake,
     MsgType,
+    Pause,
     PrefixHasher,
     ProtocolError,
     Reason,
@@ -30,6 +32,7 @@ from vllm_tslt.protocol import (
     decode,
     encode,
     prefix_hash,
+    refusal_frame,
     vocab_fingerprint,
 )
 from vllm_tslt.protocol.baselines import decode_dsd, decode_tkslt, encode_dsd, encode_tkslt
@@ -46,11 +49,11 @@ def make_draft(cfg: SparsifyConfig, gamma: int = 4, m: int = 1, vocab: int = V, 
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(gamma, vocab, generator=g) * 3
     cands, q = sparsify_then_sample(logits, cfg, torch.rand(gamma, m, dtype=torch.float64, generator=g))
-    return Draft("req-7", 321, prefix_hash(range(321)), cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
+    return Draft(7, 321, prefix_hash(range(321)), cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
 
 
 def assert_same_draft(a: Draft, b: Draft) -> None:
-    assert (a.request_id, a.committed_len, a.prefix_hash) == (b.request_id, b.committed_len, b.prefix_hash)
+    assert (a.handle, a.committed_len, a.prefix_hash) == (b.handle, b.committed_len, b.prefix_hash)
     assert torch.equal(a.tokens, b.tokens) and a.tokens.dtype == b.tokens.dtype == torch.int64
     assert torch.equal(a.q.indices, b.q.indices) and torch.equal(a.q.counts, b.q.counts)
     assert a.q.quant_bits == b.q.quant_bits
@@ -88,7 +91,7 @@ def test_draft_round_trip_property(gamma, m, bits, k, vocab, seed, scale) -> Non
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(gamma, vocab, generator=g) * scale
     cands, q = sparsify_then_sample(logits, SparsifyConfig(top_k=k, quant_bits=bits), torch.rand(gamma, m, dtype=torch.float64, generator=g))
-    draft = Draft("r", 5, 9, cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
+    draft = Draft(1, 5, 9, cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
     limits = DecodeLimits(vocab_size=vocab, max_k=64, max_gamma=8, max_candidates=4)
     assert_same_draft(draft, decode(encode(draft), limits))
 
@@ -96,10 +99,10 @@ def test_draft_round_trip_property(gamma, m, bits, k, vocab, seed, scale) -> Non
 def test_other_messages_round_trip() -> None:
     msgs = [
         Handshake(PROTOCOL_VERSION, V, "ab" * 16, "tiny-target", ("multi_candidate",), {"max_k": 64}, "s3ss10n"),
-        RequestStart("req-1", "sess", (1, 2, 999), {"temperature": 0.7, "seed": 3, "stop": [5, 6], "x": None}),
-        Commit("req-1", 10, (4, 5, 6)),
-        Commit("req-1", 0, ()),
-        End("req-1", "finished"),
+        RequestStart(1, "req-1", "sess", (1, 2, 999), {"temperature": 0.7, "seed": 3, "stop": [5, 6], "x": None}),
+        Commit(1, 10, (4, 5, 6)),
+        Commit(1, 0, ()),
+        End(1, "finished"),
         Error("bad_counts", "row 2", "req-1"),
     ]
     for msg in msgs:
@@ -146,7 +149,7 @@ def _reason(data: bytes, limits: DecodeLimits = LIMITS) -> Reason:
     return info.value.reason
 
 
-def _draft_frame(fields_after_header: list, header=("r", 1, 2)) -> bytes:
+def _draft_frame(fields_after_header: list, header=(1, 1, 2)) -> bytes:
     return pack_frame(MsgType.DRAFT, [*header, *fields_after_header])
 
 
@@ -197,8 +200,8 @@ def test_golden_bytes() -> None:
         [len(f) for f in frames], digest)
 
 
-GOLDEN_SIZES = [438, 121, 37]
-GOLDEN_DIGEST = "716a22c798f23968"
+GOLDEN_SIZES = [433, 116, 32]
+GOLDEN_DIGEST = "1b06fabd9ff36f70"
 
 
 def test_refusals_by_reason() -> None:
@@ -211,7 +214,7 @@ def test_refusals_by_reason() -> None:
     # A TSLT body under a baseline's type does not parse as that baseline.
     assert _reason(repack([frame[0], int(MsgType.DSD_DRAFT), *frame[2:]])) != Reason.BAD_TYPE
     assert _reason(repack(frame[:-1])) == Reason.MALFORMED
-    assert _reason(repack([*frame[:2], 7, *frame[3:]])) == Reason.MALFORMED  # request_id not a str
+    assert _reason(repack([*frame[:2], "7", *frame[3:]])) == Reason.MALFORMED  # handle not an int
     assert _reason(repack([*frame[:5], 9, *frame[6:]])) == Reason.OUT_OF_RANGE  # gamma > max_gamma
     assert _reason(repack([*frame[:7], 17, *frame[8:]])) == Reason.OUT_OF_RANGE  # quant_bits
     assert _reason(repack([*frame[:3], -1, *frame[4:]])) == Reason.OUT_OF_RANGE  # committed_len
@@ -222,14 +225,14 @@ def test_refusals_by_reason() -> None:
     assert _reason(draft, DecodeLimits(vocab_size=V, max_payload_bytes=10)) == Reason.TOO_LARGE
     wide = encode(make_draft(SparsifyConfig(top_k=64)))
     assert _reason(wide, DecodeLimits(vocab_size=V, max_k=32)) == Reason.TOO_LARGE
-    assert _reason(encode(Commit("r", 3, (1, 2, V)))) == Reason.OUT_OF_RANGE
-    assert _reason(encode(Commit("r", 1, (1, 2)))) == Reason.OUT_OF_RANGE  # committed_len < new
-    assert _reason(pack_frame(MsgType.COMMIT, ["r", 3, b"\x00" * 5])) == Reason.MALFORMED
-    big_prompt = encode(RequestStart("r", "s", tuple(range(100)), {}))
+    assert _reason(encode(Commit(1, 3, (1, 2, V)))) == Reason.OUT_OF_RANGE
+    assert _reason(encode(Commit(1, 1, (1, 2)))) == Reason.OUT_OF_RANGE  # committed_len < new
+    assert _reason(pack_frame(MsgType.COMMIT, [1, 3, b"\x00" * 5])) == Reason.MALFORMED
+    big_prompt = encode(RequestStart(1, "r", "s", tuple(range(100)), {}))
     assert _reason(big_prompt, DecodeLimits(vocab_size=V, max_prompt_len=99)) == Reason.TOO_LARGE
-    nan = pack_frame(MsgType.REQUEST_START, ["r", "s", b"", {"temperature": math.nan}])
+    nan = pack_frame(MsgType.REQUEST_START, [1, "r", "s", b"", {"temperature": math.nan}])
     assert _reason(nan) == Reason.NON_FINITE
-    nested = pack_frame(MsgType.REQUEST_START, ["r", "s", b"", {"a": {"b": 1}}])
+    nested = pack_frame(MsgType.REQUEST_START, [1, "r", "s", b"", {"a": {"b": 1}}])
     assert _reason(nested) == Reason.MALFORMED
     assert _reason(pack_frame(MsgType.HANDSHAKE, [V, "f", "m", [1], {}])) == Reason.MALFORMED
     with pytest.raises(ProtocolError) as info:
@@ -241,17 +244,17 @@ def test_encode_refuses_inconsistent_drafts() -> None:
     d = make_draft(SparsifyConfig(top_k=4))
     outside = next(i for i in range(V) if i not in d.q.indices[0].tolist())
     with pytest.raises(ValueError, match="support"):
-        encode(Draft("r", 1, 1, torch.tensor([outside, *d.tokens[1:].tolist()]), d.q))
+        encode(Draft(1, 1, 1, torch.tensor([outside, *d.tokens[1:].tolist()]), d.q))
     unsorted = SparseQ(d.q.indices.flip(1).contiguous(), d.q.counts.flip(1).contiguous(), d.q.quant_bits)
     with pytest.raises(ValueError, match="ascending"):
-        encode(Draft("r", 1, 1, d.tokens, unsorted))
+        encode(Draft(1, 1, 1, d.tokens, unsorted))
     bad_sum = SparseQ(d.q.indices, d.q.counts + 1, d.q.quant_bits)
     with pytest.raises(ValueError, match="counts"):
-        encode(Draft("r", 1, 1, d.tokens, bad_sum))
+        encode(Draft(1, 1, 1, d.tokens, bad_sum))
     with pytest.raises(ValueError, match="protocol"):
         encode(Handshake(PROTOCOL_VERSION + 1, V, "f", "m"))
     with pytest.raises(ValueError, match="finite"):
-        encode(RequestStart("r", "s", (), {"t": math.inf}))
+        encode(RequestStart(1, "r", "s", (), {"t": math.inf}))
 
 
 def test_payload_is_compact() -> None:
@@ -259,7 +262,7 @@ def test_payload_is_compact() -> None:
     d = make_draft(SparsifyConfig(top_k=16, quant_bits=8), gamma=4, vocab=32000)
     tslt = len(encode(d)) / 4
     probs = torch.softmax(torch.randn(4, 32000), -1)
-    dsd16 = len(encode_dsd("req-7", 321, 1, d.tokens, probs, "fp16")) / 4
+    dsd16 = len(encode_dsd(7, 321, 1, d.tokens, probs, "fp16")) / 4
     assert dsd16 > 64000 and tslt < 0.01 * dsd16 and tslt < 64, (tslt, dsd16)
 
 
@@ -268,21 +271,21 @@ def test_baselines_round_trip() -> None:
     probs = torch.softmax(torch.randn(4, V), -1)
     tokens = torch.tensor([1, 2, 3, 4])
     for dtype, size, tol in (("fp32", 4, 0.0), ("fp16", 2, 1e-3)):
-        data = encode_dsd("r", 1, 2, tokens, probs, dtype)
+        data = encode_dsd(1, 1, 2, tokens, probs, dtype)
         assert 4 * V * size < len(data) < 4 * V * size + 64
         got_tokens, got = decode_dsd(data, limits)
         assert torch.equal(got_tokens, tokens) and torch.allclose(got, probs, atol=tol, rtol=tol)
-    data = encode_tkslt("r", 1, 2, tokens, probs, top_k=16)
+    data = encode_tkslt(1, 1, 2, tokens, probs, top_k=16)
     assert 4 * 16 * 6 < len(data) < 4 * 16 * 6 + 64
     got_tokens, values, indices = decode_tkslt(data, limits)
     assert torch.equal(indices, torch.topk(probs, 16).indices) and torch.equal(got_tokens, tokens)
     assert torch.allclose(values, torch.topk(probs, 16).values, rtol=1e-3)
-    bad = encode_dsd("r", 1, 2, tokens, torch.full((4, V), float("nan")), "fp16")
+    bad = encode_dsd(1, 1, 2, tokens, torch.full((4, V), float("nan")), "fp16")
     with pytest.raises(ProtocolError) as info:
         decode_dsd(bad, limits)
     assert info.value.reason == Reason.NON_FINITE
     with pytest.raises(ProtocolError):
-        decode_tkslt(encode_dsd("r", 1, 2, tokens, probs, "fp16"), limits)
+        decode_tkslt(encode_dsd(1, 1, 2, tokens, probs, "fp16"), limits)
 
 
 def test_vocab_fingerprint_and_prefix_hash() -> None:
@@ -296,3 +299,28 @@ def test_vocab_fingerprint_and_prefix_hash() -> None:
     hasher.update(torch.tensor([7]))
     assert hasher.value() == prefix_hash([5, 6, 7]) != prefix_hash([5, 6, 8]) and hasher.length == 3
     assert 0 <= prefix_hash([]) < 2**32
+
+
+def test_an_old_version_is_refused_in_words_it_can_read() -> None:
+    """A v1 peer's handshake is refused (BAD_VERSION naming both versions), and the refusal frame
+    carries the peer's version number with Error's version-independent layout."""
+    old_hello = msgpack.packb([1, int(MsgType.HANDSHAKE), V, "f" * 32, "draft", [], {}, ""])
+    with pytest.raises(ProtocolError) as info:
+        decode(old_hello, LIMITS)
+    assert info.value.reason == Reason.BAD_VERSION
+    assert "version 1" in str(info.value) and f"version {PROTOCOL_VERSION}" in str(info.value)
+    frame = msgpack.unpackb(refusal_frame(old_hello, "bad_version", str(info.value)))
+    assert frame[:3] == [1, int(MsgType.ERROR), "bad_version"] and len(frame) == 5
+    ours = refusal_frame(b"\xc1", "bad_version", "?")  # unreadable: our own version
+    assert decode(ours, LIMITS) == Error("bad_version", "?", "")
+
+
+def test_handles_are_small_on_the_wire() -> None:
+    """A request handle < 128 costs one byte in a frame; handle 0 only names a session (End)."""
+    short = encode(Commit(5, 10, (4,)))
+    assert len(short) == len(encode(Commit(127, 10, (4,)))) == len(encode(Commit(128, 10, (4,)))) - 1
+    assert decode(encode(End(NO_HANDLE, "bye")), LIMITS) == End(0, "bye")
+    for bad in (Commit(0, 1, ()), Pause(0), Commit(2**32, 1, ())):
+        with pytest.raises(ValueError, match="handle"):
+            encode(bad)
+    assert _reason(pack_frame(MsgType.PAUSE, [0])) == Reason.OUT_OF_RANGE

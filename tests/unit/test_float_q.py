@@ -38,7 +38,7 @@ def _logits(n: int = 4, seed: int = 0) -> torch.Tensor:
 def test_round_trip_gives_the_edge_the_devices_distribution(wire: str) -> None:
     tokens, q = baseline_then_sample(_logits(), SparsifyConfig(), wire, 16,
                                      torch.rand(4, dtype=torch.float64))
-    got = decode(encode(Draft("r", 9, 3, tokens, q)), DecodeLimits(vocab_size=V))
+    got = decode(encode(Draft(1, 9, 3, tokens, q)), DecodeLimits(vocab_size=V))
     assert isinstance(got.q, FloatQ) and got.q.wire == wire
     assert torch.equal(got.tokens, tokens)
     assert torch.equal(got.q.probs(), q.probs())  # bit-identical: the same formula on the same bytes
@@ -98,7 +98,7 @@ def test_refusals() -> None:
     limits = DecodeLimits(vocab_size=V)
     tokens, q = baseline_then_sample(_logits(), SparsifyConfig(), "tkslt", 4,
                                      torch.rand(4, dtype=torch.float64))
-    frame = msgpack.unpackb(encode(Draft("r", 1, 1, tokens, q)))
+    frame = msgpack.unpackb(encode(Draft(1, 1, 1, tokens, q)))
     repack = lambda f: msgpack.packb(f, use_bin_type=True)  # noqa: E731
 
     def reason(data: bytes) -> Reason:
@@ -110,20 +110,20 @@ def test_refusals() -> None:
     outside = next(t for t in range(V) if t not in q.indices[0].tolist())
     bad_tokens = tokens.clone()
     bad_tokens[0] = outside
-    assert reason(encode(Draft("r", 1, 1, bad_tokens, q))) == Reason.NOT_IN_SUPPORT
+    assert reason(encode(Draft(1, 1, 1, bad_tokens, q))) == Reason.NOT_IN_SUPPORT
     # Duplicate indices in a row.
     dup = q.indices.clone()
     dup[:, 1] = dup[:, 0]
-    assert reason(encode(Draft("r", 1, 1, tokens, FloatQ(dup, q.values, "tkslt")))) in (
+    assert reason(encode(Draft(1, 1, 1, tokens, FloatQ(dup, q.values, "tkslt")))) in (
         Reason.BAD_INDICES, Reason.NOT_IN_SUPPORT)
     # A row with no mass.
     zero = q.values.clone()
     zero[2] = 0
-    assert reason(encode(Draft("r", 1, 1, tokens, FloatQ(q.indices, zero, "tkslt")))) == \
+    assert reason(encode(Draft(1, 1, 1, tokens, FloatQ(q.indices, zero, "tkslt")))) == \
         Reason.BAD_COUNTS
     assert reason(repack([*frame[:6], 10_000, *frame[7:]])) == Reason.OUT_OF_RANGE  # K > max_k
     with pytest.raises(ValueError, match="alternatives"):
-        encode(Draft("r", 1, 1, tokens, q, torch.zeros(4, 1, dtype=torch.int64)))
+        encode(Draft(1, 1, 1, tokens, q, torch.zeros(4, 1, dtype=torch.int64)))
 
 
 def test_normalise_is_the_shared_formula() -> None:

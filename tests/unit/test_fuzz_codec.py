@@ -51,7 +51,7 @@ def _draft(seed: int, gamma: int, m: int, cfg: SparsifyConfig) -> Draft:
     g = torch.Generator().manual_seed(seed)
     cands, q = sparsify_then_sample(torch.randn(gamma, V, generator=g) * 3, cfg,
                                     torch.rand(gamma, m, dtype=torch.float64, generator=g))
-    return Draft("req-1", 12, 345, cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
+    return Draft(1, 12, 345, cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
 
 
 VALID_FRAMES = [encode(msg) for msg in (
@@ -60,9 +60,9 @@ VALID_FRAMES = [encode(msg) for msg in (
     _draft(2, 2, 1, SparsifyConfig(temperature=0.0)),
     _draft(3, 3, 4, SparsifyConfig(top_p=0.9, top_k=32, quant_bits=16)),
     Handshake(PROTOCOL_VERSION, V, "ab" * 16, "draft", ("multi_candidate",), {"max_k": 4}, ""),
-    RequestStart("req-1", "sess", (1, 2, 999), {"temperature": 0.7, "stop": [5, 6], "x": None}),
-    Commit("req-1", 10, (4, 5, 6)),
-    End("req-1", "finished"),
+    RequestStart(1, "req-1", "sess", (1, 2, 999), {"temperature": 0.7, "stop": [5, 6], "x": None}),
+    Commit(1, 10, (4, 5, 6)),
+    End(1, "finished"),
     Error("bad_counts", "row 2", "req-1"),
 )]
 
@@ -229,7 +229,7 @@ def handcrafted_payload(draw) -> tuple[list, bytes]:
 @given(handcrafted_payload(), st.integers(0, 2**32 - 1))
 def test_handcrafted_sparse_payloads(header_payload, prefix_hash: int) -> None:
     header, payload = header_payload
-    frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 5, prefix_hash, *header,
+    frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 5, prefix_hash, *header,
                            payload], use_bin_type=True)
     decode_or_refuse(frame)
 
@@ -239,7 +239,7 @@ def test_out_of_range_counts_and_columns_are_refused_by_reason() -> None:
     def frame(k, gaps, counts, cols, b=4):
         payload, header = pack_rows(np.array(k), np.array(gaps), np.array(counts),
                                     np.array(cols).reshape(len(k), 1), b)
-        return msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 1, 2, *header, payload],
+        return msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 1, 2, *header, payload],
                              use_bin_type=True)
 
     assert decode_or_refuse(frame([2], [3, 6], [8], [1])) == "ok:Draft"
@@ -249,19 +249,19 @@ def test_out_of_range_counts_and_columns_are_refused_by_reason() -> None:
     assert decode_or_refuse(frame([2], [V + 5, 0], [8], [1])) == "refused:bad_indices"
     assert decode_or_refuse(frame([2], [2**32 - 1, 0], [8], [1])) == "refused:bad_indices"
     assert decode_or_refuse(frame([1], [3], [], [0], b=16)) == "ok:Draft"
-    nan_params = msgpack.packb([PROTOCOL_VERSION, int(MsgType.REQUEST_START), "r", "s", b"",
+    nan_params = msgpack.packb([PROTOCOL_VERSION, int(MsgType.REQUEST_START), 1, "r", "s", b"",
                                 {"t": [1.0, float("-inf")]}], use_bin_type=True)
     assert decode_or_refuse(nan_params) == "refused:non_finite"
-    huge = msgpack.packb([PROTOCOL_VERSION, int(MsgType.COMMIT), "r", 2**64 - 1, b""],
+    huge = msgpack.packb([PROTOCOL_VERSION, int(MsgType.COMMIT), 1, 2**64 - 1, b""],
                          use_bin_type=True)
     assert decode_or_refuse(huge) == "refused:out_of_range"
 
 
 def test_payloads_that_are_not_whole_words_are_refused() -> None:
     for payload in (b"\x01", b"\x01\x00\x00", b"\x00\x00\x00\x00"):
-        frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 1, 2, 1, 1, 4, 0, 1, 1,
+        frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 1, 2, 1, 1, 4, 0, 1, 1,
                                payload], use_bin_type=True)
         assert decode_or_refuse(frame) == "refused:bad_bitstream"
-    empty = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), "r", 1, 2, 1, 1, 4, 0, 1, 1, b""],
+    empty = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 1, 2, 1, 1, 4, 0, 1, 1, b""],
                           use_bin_type=True)
     assert decode_or_refuse(empty).startswith(("ok:", "refused:"))

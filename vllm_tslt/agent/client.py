@@ -31,12 +31,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from vllm_tslt.agent.link import EmulatedLink
 from vllm_tslt.protocol import (
+    NO_HANDLE,
     DecodeLimits,
     End,
     Error,
     Handshake,
     Message,
     ProtocolError,
+    Reason,
     decode,
     encode,
 )
@@ -207,7 +209,7 @@ class EdgeClient:
     def close(self) -> None:
         """Say goodbye (End with no request id: the edge frees the session now) and close."""
         if self.ready:
-            self._send_raw(encode(End("", "device stopping")))
+            self._send_raw(encode(End(NO_HANDLE, "device stopping")))
         self._close_socket()
         self.state = "disconnected"
         self.session_id = ""
@@ -291,6 +293,9 @@ class EdgeClient:
             msg = decode(data, self.limits)
         except ProtocolError as e:
             self.counters["decode_errors"] += 1
+            if e.reason == Reason.BAD_VERSION and self.state == "handshaking":
+                self.close()  # an edge of another protocol version (its refusal, or its reply)
+                raise HandshakeRefused("bad_version", e.detail) from e
             logger.warning("dropped a frame from the edge: %s", e)
             return
         self._last_recv = now

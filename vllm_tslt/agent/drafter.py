@@ -77,7 +77,7 @@ def request_sparsify_config(params: dict[str, Any], base: SparsifyConfig) -> Spa
 class DraftState:
     """One request's tokens, speculative chain and KV cache (see the module doc)."""
 
-    request_id: str
+    request_id: str  # vLLM's, for logs
     sparsify: SparsifyConfig
     seed: int
     candidates: int
@@ -88,6 +88,7 @@ class DraftState:
     # Per chain token: (indices [k], counts [k]), or (indices, wire values) for a baseline format.
     chain_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     chain_alts: list[list[int]] = field(default_factory=list)  # [m - 1] per chain token
+    handle: int = 1  # the edge's handle for this request (RequestStart.handle)
 
     @property
     def cache_len(self) -> int:
@@ -154,7 +155,7 @@ class Drafter:
 
     def new_state(self, request_id: str, prompt_ids: list[int] | tuple[int, ...],
                   sampling_params: dict[str, Any], k_max: int | None = None,
-                  candidates: int | None = None) -> DraftState:
+                  candidates: int | None = None, handle: int = 1) -> DraftState:
         from transformers import DynamicCache
 
         if not prompt_ids:
@@ -169,7 +170,8 @@ class Drafter:
         m = 1 if cfg.greedy or self.wire_format != "tslt" else (candidates or self.candidates)
         tokens = [int(t) for t in prompt_ids]
         return DraftState(request_id, cfg, seed, m, tokens, len(tokens),
-                          DynamicCache(config=self.model.config), PrefixHasher(tokens))
+                          DynamicCache(config=self.model.config), PrefixHasher(tokens),
+                          handle=handle)
 
     def commit(self, state: DraftState, committed_len: int, new_tokens: tuple[int, ...]) -> int:
         """Apply a commit. Returns how many chain tokens it confirmed (-1: it diverged).
@@ -219,7 +221,7 @@ class Drafter:
             alts = torch.tensor(state.chain_alts[offset:offset + gamma], dtype=torch.int64)
             alts = alts.view(gamma, -1)
         phash = state.hasher.value() if offset == 0 else prefix_hash(state.tokens[:start])
-        return Draft(state.request_id, start, phash, tokens, q, alts)
+        return Draft(state.handle, start, phash, tokens, q, alts)
 
     # ------------------------------------------------------------------------------------------
     # Forward passes

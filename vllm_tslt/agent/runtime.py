@@ -110,7 +110,7 @@ class DraftRuntime:
         self.gamma_ctl = GammaController(AdaptiveConfig(
             gamma_max=config.gamma_cap, fixed_gamma=fixed, min_speedup=config.min_speedup,
             probe_interval_s=config.probe_interval_s))
-        self.tracks: dict[str, Track] = {}
+        self.tracks: dict[int, Track] = {}  # by the edge's request handle
         self._epoch = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -190,7 +190,7 @@ class DraftRuntime:
         elif isinstance(msg, RequestStart):
             self._on_start(msg)
         elif isinstance(msg, End):
-            self.tracks.pop(msg.request_id, None)
+            self.tracks.pop(msg.handle, None)
         elif isinstance(msg, EdgeStatus):
             self.gamma_ctl.observe_edge_status(msg.step_ms / 1e3, msg.draft_token_ms / 1e3)
             self.counters["edge_status"] += 1
@@ -207,16 +207,17 @@ class DraftRuntime:
         caps = [self.config.gamma_cap, limits.get("max_gamma", 64), params.get("max_gamma") or 64]
         state = self.drafter.new_state(
             msg.request_id, msg.prompt_ids, params, k_max=limits.get("max_k"),
-            candidates=min(self.config.candidates, limits.get("max_candidates", 16)))
+            candidates=min(self.config.candidates, limits.get("max_candidates", 16)),
+            handle=msg.handle)
         max_tokens = params.get("max_tokens")
         max_len = len(msg.prompt_ids) + (max_tokens if isinstance(max_tokens, int) else 1 << 30)
         track = Track(state, max(1, min(int(c) for c in caps)), max_len)
         track.gamma = self._choose_gamma(track)
-        self.tracks[msg.request_id] = track
+        self.tracks[msg.handle] = track
         self.counters["requests"] += 1
 
     def _on_commit(self, msg: Commit) -> None:
-        track = self.tracks.get(msg.request_id)
+        track = self.tracks.get(msg.handle)
         if track is None:
             return
         now = time.monotonic()
@@ -234,7 +235,7 @@ class DraftRuntime:
             matched = self.drafter.commit(state, msg.committed_len, msg.new_tokens)
         except CommitMismatch as e:
             logger.warning("dropping request: %s", e)
-            self.tracks.pop(msg.request_id, None)
+            self.tracks.pop(msg.handle, None)
             return
         self.counters["rollbacks"] += int(matched < 0)
         ahead = track.ahead
@@ -275,7 +276,7 @@ class DraftRuntime:
         gamma = min(self.gamma_ctl.choose(time.monotonic()), track.max_gamma)
         gamma = track.limit(gamma)
         self.counters["steps_off"] += int(gamma == 0)
-        if gamma == 0 and not track.paused and self.client.send(Pause(track.state.request_id)):
+        if gamma == 0 and not track.paused and self.client.send(Pause(track.state.handle)):
             track.paused = True  # the edge decodes alone without waiting for us
             self.counters["pauses_sent"] += 1
         return gamma

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from vllm_tslt.protocol import (
+    NO_HANDLE,
     PROTOCOL_VERSION,
     DecodeLimits,
     Draft,
@@ -32,8 +33,10 @@ from vllm_tslt.protocol import (
     Handshake,
     Pause,
     ProtocolError,
+    Reason,
     decode,
     encode,
+    refusal_frame,
 )
 
 from .config import TsltConfig
@@ -58,9 +61,6 @@ class DeviceEndpoint:
         self.vocab_fingerprint = vocab_fingerprint
         self.model_name = model_name
         self.max_gamma = max_gamma
-        # More Handshake.limits for devices, e.g. the X-data-parallel-rank of this hub's engine
-        # (vllm_tslt.edge.parallel, set by the proposer before start()).
-        self.extra_limits: dict[str, int] = {}
         self.limits = DecodeLimits(
             vocab_size=vocab_size, max_k=config.max_k, max_gamma=max_gamma,
             max_candidates=config.max_candidates, max_payload_bytes=config.max_payload_bytes,
@@ -202,7 +202,13 @@ class DeviceEndpoint:
         except ProtocolError as err:
             count(f"invalid_{err.reason.value}")
             logger.debug("invalid message from a device: %s", err)
-            if not self._strike(router, identity):
+            if self._strike(router, identity):
+                return
+            if err.reason == Reason.BAD_VERSION:  # numbered with the peer's own version, so a
+                # device that speaks another one can read why it is refused
+                self._send_reply(router, identity,
+                                 refusal_frame(frames[1], err.reason.value, str(err)))
+            else:
                 self._reply(router, identity, Error(err.reason.value, str(err)))
             return
         if isinstance(msg, Handshake):
@@ -219,10 +225,10 @@ class DeviceEndpoint:
         if isinstance(msg, Draft):
             if not self.table.store_draft(session, msg, self.config.wire_formats):
                 self._strike(router, session.identity)
-        elif isinstance(msg, End) and msg.request_id == "":
+        elif isinstance(msg, End) and msg.handle == NO_HANDLE:
             self.table.close_session(session.session_id, "device said goodbye")
         elif isinstance(msg, Pause):
-            self.table.pause(session, msg.request_id)
+            self.table.pause(session, msg.handle)
         elif not isinstance(msg, End):
             self.table.count("invalid_unexpected_type")
             self._strike(router, session.identity)
@@ -285,7 +291,7 @@ class DeviceEndpoint:
         limits = {"max_gamma": self.max_gamma, "max_k": self.config.max_k,
                   "max_candidates": self.config.max_candidates,
                   "max_payload_bytes": self.config.max_payload_bytes,
-                  "draft_deadline_ms": int(self.config.draft_deadline_ms), **self.extra_limits}
+                  "draft_deadline_ms": int(self.config.draft_deadline_ms)}
         logger.info("device session %s... opened (draft model %r)", session.session_id[:6],
                     hello.model_name)
         self._reply(router, identity, Handshake(
@@ -304,7 +310,9 @@ class DeviceEndpoint:
                                                     "being idle; handshake again"))
 
     def _reply(self, router: Any, identity: bytes, msg: Any) -> None:
-        data = encode(msg)
+        self._send_reply(router, identity, encode(msg))
+
+    def _send_reply(self, router: Any, identity: bytes, data: bytes) -> None:
         try:
             router.send_multipart([identity, data], zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -116,10 +116,11 @@ class DraftHub:
         session, the session is full, or an anomaly)."""
         if self.table.is_bound(request_id):  # the engine started it before and never ended it
             self._anomaly("start_rebound", request_id)
-        identity = self.table.bind(request_id, session_id, prompt_ids)
-        if identity is None:
+        bound = self.table.bind(request_id, session_id, prompt_ids)
+        if bound is None:
             return False
-        self.io.send(identity, RequestStart(request_id, session_id, tuple(prompt_ids),
+        identity, handle = bound
+        self.io.send(identity, RequestStart(handle, request_id, session_id, tuple(prompt_ids),
                                             sampling_params))
         return True
 
@@ -127,18 +128,19 @@ class DraftHub:
     def commit(self, request_id: str, committed_len: int, new_tokens: Sequence[int]) -> None:
         """The request's sequence is now committed_len tokens long, ending with new_tokens."""
         try:
-            identity = self.table.advance(request_id, committed_len, new_tokens)
+            bound = self.table.advance(request_id, committed_len, new_tokens)
         except CommitLengthError as exc:
             self._anomaly("commit_length", request_id, exc, traceback=False)
             return
-        if identity is not None:
-            self.io.send(identity, Commit(request_id, committed_len, tuple(new_tokens)))
+        if bound is not None:
+            identity, handle = bound
+            self.io.send(identity, Commit(handle, committed_len, tuple(new_tokens)))
 
     @_never_raises(lambda: None, per_request=True)
     def end_request(self, request_id: str, reason: str) -> None:
-        identity = self.table.unbind(request_id)
-        if identity is not None:
-            self.io.send(identity, End(request_id, reason))
+        bound = self.table.unbind(request_id)
+        if bound is not None:
+            self.io.send(bound[0], End(bound[1], reason))
 
     @_never_raises(dict)
     def collect(self, request_ids: Iterable[str], deadline_s: float) -> dict[str, Draft]:
@@ -179,8 +181,8 @@ class DraftHub:
             else:
                 logger.debug("TSLT draft hub anomaly %s (request %s): %s", kind, request_id, exc)
             if request_id is not None:
-                identity = self.table.unbind(request_id)
-                if identity is not None:
-                    self.io.send(identity, End(request_id, ANOMALY_END_REASON))
+                bound = self.table.unbind(request_id)
+                if bound is not None:
+                    self.io.send(bound[0], End(bound[1], ANOMALY_END_REASON))
         except Exception:  # the table itself is broken: nothing more we can do for this call
             logger.exception("TSLT draft hub: handling anomaly %s failed", kind)

@@ -43,6 +43,8 @@ class Session:
     identity: bytes  # the ZeroMQ routing id of the device's DEALER socket
     peer: str = ""  # the CURVE public key (z85) that opened the session; "" without CURVE
     requests: set[str] = field(default_factory=set)
+    handles: dict[int, str] = field(default_factory=dict)  # the device's names -> request ids
+    next_handle: int = 1  # handles are never reused within a session
     last_seen: float = field(default_factory=time.monotonic)
     missed: int = 0  # consecutive collect() deadlines this session's requests missed
 
@@ -53,6 +55,7 @@ class BoundRequest:
     hasher: PrefixHasher  # the committed sequence, as a length and a rolling hash
     drafts: dict[int, Draft] = field(default_factory=dict)  # committed_len -> latest draft
     paused: bool = False  # the device said it sends no drafts until its next one (Pause)
+    handle: int = 0  # the request's name on the wire, within its session (RequestStart.handle)
 
 
 class SessionTable:
@@ -137,9 +140,10 @@ class SessionTable:
         with self.cond:
             return request_id in self.requests
 
-    def bind(self, request_id: str, session_id: str, prompt_ids: Sequence[int]) -> bytes | None:
-        """Bind a request to a session. The session's routing id, or None (no such session, or
-        the session is at `max_requests_per_session`)."""
+    def bind(self, request_id: str, session_id: str,
+             prompt_ids: Sequence[int]) -> tuple[bytes, int] | None:
+        """Bind a request to a session: (the session's routing id, the request's handle), or None
+        (no such session, or the session is at `max_requests_per_session`)."""
         hasher = PrefixHasher(prompt_ids)
         with self.cond:
             session = self.sessions.get(session_id)
@@ -149,15 +153,18 @@ class SessionTable:
             if len(session.requests) >= self.max_requests_per_session:
                 self.counters["requests_over_session_limit"] += 1
                 return None
+            handle = session.next_handle
+            session.next_handle += 1
             session.requests.add(request_id)
-            self.requests[request_id] = BoundRequest(session_id, hasher)
+            session.handles[handle] = request_id
+            self.requests[request_id] = BoundRequest(session_id, hasher, handle=handle)
             self.counters["requests_bound"] += 1
-            return session.identity
+            return session.identity, handle
 
     def advance(self, request_id: str, committed_len: int,
-                new_tokens: Sequence[int]) -> bytes | None:
-        """Append committed tokens and drop drafts for shorter prefixes. The routing id to tell,
-        or None (not bound, or its session is gone). Raises CommitLengthError, changing nothing,
+                new_tokens: Sequence[int]) -> tuple[bytes, int] | None:
+        """Append committed tokens and drop drafts for shorter prefixes. (The routing id to tell,
+        the request's handle), or None (not bound, or its session is gone). Raises CommitLengthError, changing nothing,
         when committed_len is not the bound length plus len(new_tokens)."""
         with self.cond:
             req = self.requests.get(request_id)
@@ -171,10 +178,11 @@ class SessionTable:
             req.hasher.update(new_tokens)
             req.drafts = {n: d for n, d in req.drafts.items() if n >= committed_len}
             session = self.sessions.get(req.session_id)
-            return session.identity if session is not None else None
+            return (session.identity, req.handle) if session is not None else None
 
-    def unbind(self, request_id: str) -> bytes | None:
-        """Forget a request and its drafts. The routing id of its live session, or None."""
+    def unbind(self, request_id: str) -> tuple[bytes, int] | None:
+        """Forget a request and its drafts. (The routing id of its live session, its handle), or
+        None."""
         with self.cond:
             req = self.requests.pop(request_id, None)
             if req is None:
@@ -183,7 +191,8 @@ class SessionTable:
             if session is None:
                 return None
             session.requests.discard(request_id)
-            return session.identity
+            session.handles.pop(req.handle, None)
+            return session.identity, req.handle
 
     def identities_with_requests(self) -> list[bytes]:
         with self.cond:
@@ -192,21 +201,19 @@ class SessionTable:
     # ------------------------------------------------------------------ drafts
 
     def store_draft(self, session: Session, draft: Draft, wire_formats: Iterable[str]) -> bool:
-        """Store a draft for its request (I/O thread). False: the draft was abusive (another
-        key's request, or a wire format this edge does not take)."""
+        """Store a draft for its request (I/O thread). False: the draft was abusive (a wire
+        format this edge does not take).
+
+        NOTE: a draft names its request by a handle of the sender's own session, so a device
+        cannot draft for another session's requests (another key's: CURVE, docs/security.md)."""
         with self.cond:
             self.counters["drafts_received"] += 1
             wire = draft.q.wire if isinstance(draft.q, FloatQ) else "tslt"
             if wire not in wire_formats:
                 self.counters["invalid_wire_format"] += 1
                 return False
-            req = self.requests.get(draft.request_id)
-            if req is not None and req.session_id != session.session_id:
-                owner = self.sessions.get(req.session_id)
-                if owner is not None and owner.peer != session.peer:
-                    self.counters["invalid_wrong_peer"] += 1
-                    return False
-            if req is None or req.session_id != session.session_id:
+            req = self._request_of(session, draft.handle)
+            if req is None:
                 self.counters["dropped_unknown_request"] += 1
                 return True
             req.paused = False  # drafting again: wait for its drafts from now on
@@ -220,11 +227,15 @@ class SessionTable:
             self.cond.notify_all()
         return True
 
-    def pause(self, session: Session, request_id: str) -> None:
+    def _request_of(self, session: Session, handle: int) -> BoundRequest | None:
+        request_id = session.handles.get(handle)
+        return None if request_id is None else self.requests.get(request_id)
+
+    def pause(self, session: Session, handle: int) -> None:
         """The device sends no drafts for this request until its next one (I/O thread)."""
         with self.cond:
-            req = self.requests.get(request_id)
-            if req is None or req.session_id != session.session_id:
+            req = self._request_of(session, handle)
+            if req is None:
                 self.counters["dropped_unknown_request"] += 1
                 return
             req.paused = True

@@ -1,9 +1,10 @@
 """Device <-> edge wire protocol: typed messages and a sans-IO, versioned, validating codec."""
 
-from vllm_tslt.protocol.codec import DecodeLimits, decode, encode
+from vllm_tslt.protocol.codec import DecodeLimits, decode, encode, refusal_frame
 from vllm_tslt.protocol.errors import ProtocolError, Reason
 from vllm_tslt.protocol.fingerprint import vocab_fingerprint
 from vllm_tslt.protocol.messages import (
+    NO_HANDLE,
     PROTOCOL_VERSION,
     Commit,
     Draft,
@@ -20,6 +21,7 @@ from vllm_tslt.protocol.messages import (
 )
 
 __all__ = [
+    "NO_HANDLE",
     "PROTOCOL_VERSION",
     "Commit",
     "DecodeLimits",
@@ -38,5 +40,6 @@ __all__ = [
     "decode",
     "encode",
     "prefix_hash",
+    "refusal_frame",
     "vocab_fingerprint",
 ]

@@ -4,7 +4,7 @@
   fp32 or fp16, little-endian.
 - TK-SLT (arXiv 2509.04576): top-K draft probabilities as fp16 plus their int32 indices.
 
-Frame: ``[version, type, request_id, committed_len, prefix_hash, ...]`` exactly like a TSLT Draft,
+Frame: ``[version, type, handle, committed_len, prefix_hash, ...]`` exactly like a TSLT Draft,
 then the draft tokens (uint32 LE) and the arrays. Decoders validate sizes, ranges and finiteness.
 A draft in these formats carries a ``FloatQ`` (vllm_tslt.core.float_q): the edge verifies against
 ``normalise_rows`` of the transmitted values, the distribution the device sampled from.
@@ -22,7 +22,6 @@ from vllm_tslt.protocol.errors import (
     expect_fields,
     get_bin,
     get_int,
-    get_str,
 )
 from vllm_tslt.protocol.frame import (
     MAX_SEQ_LEN,
@@ -40,7 +39,7 @@ FLOAT_DRAFT_TYPES = (MsgType.DSD_DRAFT, MsgType.TKSLT_DRAFT)
 
 
 def encode_dsd(
-    request_id: str, committed_len: int, prefix_hash: int,
+    handle: int, committed_len: int, prefix_hash: int,
     tokens: torch.Tensor,  # [γ] int
     probs: torch.Tensor,  # [γ, vocab_size] float, the full draft distribution per token
     dtype: str = "fp16",
@@ -50,7 +49,7 @@ def encode_dsd(
     code, np_dtype = _DSD_DTYPES[dtype]
     gamma, vocab_size = probs.shape
     values = probs.detach().to("cpu", torch.float32).numpy().astype(np_dtype).tobytes()
-    fields = [request_id, committed_len, prefix_hash, gamma, vocab_size, code, ids_to_bin(tokens), values]
+    fields = [handle, committed_len, prefix_hash, gamma, vocab_size, code, ids_to_bin(tokens), values]
     return pack_frame(MsgType.DSD_DRAFT, fields)
 
 
@@ -77,20 +76,20 @@ def _dsd_arrays(f: list, limits: DecodeLimits) -> tuple[torch.Tensor, torch.Tens
 
 
 def encode_tkslt(
-    request_id: str, committed_len: int, prefix_hash: int,
+    handle: int, committed_len: int, prefix_hash: int,
     tokens: torch.Tensor,  # [γ] int
     probs: torch.Tensor,  # [γ, vocab_size] float
     top_k: int,
 ) -> bytes:
     values, indices = torch.topk(probs.detach().to("cpu", torch.float32), top_k, dim=1)  # [γ, K]
-    return encode_tkslt_rows(request_id, committed_len, prefix_hash, tokens, values, indices)
+    return encode_tkslt_rows(handle, committed_len, prefix_hash, tokens, values, indices)
 
 
-def encode_tkslt_rows(request_id: str, committed_len: int, prefix_hash: int, tokens: torch.Tensor,
+def encode_tkslt_rows(handle: int, committed_len: int, prefix_hash: int, tokens: torch.Tensor,
                       values: torch.Tensor, indices: torch.Tensor) -> bytes:
     """TK-SLT frame of given top-K rows: values [γ, K] (sent as fp16), indices [γ, K]."""
     gamma, top_k = values.shape
-    fields = [request_id, committed_len, prefix_hash, gamma, top_k, ids_to_bin(tokens),
+    fields = [handle, committed_len, prefix_hash, gamma, top_k, ids_to_bin(tokens),
               values.to(torch.float32).numpy().astype("<f2").tobytes(),
               indices.to(torch.int64).numpy().astype("<i4").tobytes()]
     return pack_frame(MsgType.TKSLT_DRAFT, fields)
@@ -128,7 +127,7 @@ def encode_float_draft(draft: Draft) -> bytes:
     assert isinstance(q, FloatQ)
     if draft.alternatives is not None:
         raise ValueError("baseline wire formats carry no multi-candidate alternatives")
-    head = (draft.request_id, draft.committed_len, draft.prefix_hash, draft.tokens)
+    head = (draft.handle, draft.committed_len, draft.prefix_hash, draft.tokens)
     if q.wire == "tkslt":
         return encode_tkslt_rows(*head, q.values, q.indices)
     return encode_dsd(*head, q.values, dtype=q.wire.removeprefix("dsd-"))
@@ -159,7 +158,7 @@ def decode_float_draft(msg_type: int, f: list, limits: DecodeLimits) -> Draft:
 
 
 def _check_draft_header(f: list) -> None:
-    get_str(f[0], "request_id")
+    get_int(f[0], "handle", 1, MAX_U32)
     get_int(f[1], "committed_len", 0, MAX_SEQ_LEN)
     get_int(f[2], "prefix_hash", 0, MAX_U32)
 

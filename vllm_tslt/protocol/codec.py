@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from vllm_tslt.core.float_q import FloatQ
@@ -64,13 +65,15 @@ def encode(msg: Message) -> bytes:
         if isinstance(msg.q, FloatQ):
             return encode_float_draft(msg)
         payload, header = encode_sparse_rows(msg.q, msg.tokens, msg.alternatives)
-        fields = [msg.request_id, msg.committed_len, msg.prefix_hash, *header, payload]
+        fields = [_handle(msg.handle), msg.committed_len, msg.prefix_hash, *header, payload]
         return pack_frame(MsgType.DRAFT, fields)
     if isinstance(msg, Commit):
-        return pack_frame(MsgType.COMMIT, [msg.request_id, msg.committed_len, ids_to_bin(msg.new_tokens)])
+        return pack_frame(MsgType.COMMIT, [_handle(msg.handle), msg.committed_len,
+                                           ids_to_bin(msg.new_tokens)])
     if isinstance(msg, RequestStart):
         _check_params(msg.sampling_params, ValueError)
-        fields = [msg.request_id, msg.session_id, ids_to_bin(msg.prompt_ids), dict(msg.sampling_params)]
+        fields = [_handle(msg.handle), msg.request_id, msg.session_id, ids_to_bin(msg.prompt_ids),
+                  dict(msg.sampling_params)]
         return pack_frame(MsgType.REQUEST_START, fields)
     if isinstance(msg, Handshake):
         if msg.protocol_version != PROTOCOL_VERSION:
@@ -79,11 +82,11 @@ def encode(msg: Message) -> bytes:
                   dict(msg.limits), msg.session_id]
         return pack_frame(MsgType.HANDSHAKE, fields)
     if isinstance(msg, End):
-        return pack_frame(MsgType.END, [msg.request_id, msg.reason])
+        return pack_frame(MsgType.END, [_handle(msg.handle, 0), msg.reason])
     if isinstance(msg, Error):
         return pack_frame(MsgType.ERROR, [msg.code, msg.message, msg.request_id])
     if isinstance(msg, Pause):
-        return pack_frame(MsgType.PAUSE, [msg.request_id])
+        return pack_frame(MsgType.PAUSE, [_handle(msg.handle)])
     if isinstance(msg, EdgeStatus):
         return pack_frame(MsgType.STATUS, [float(msg.step_ms), float(msg.draft_token_ms), msg.running])
     raise TypeError(f"not a protocol message: {type(msg).__name__}")
@@ -95,24 +98,24 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
     if msg_type == MsgType.DRAFT:
         expect_fields(f, 10, "draft")
         q, tokens, alternatives = decode_sparse_rows(f[3:10], limits)
-        return Draft(get_str(f[0], "request_id"), get_int(f[1], "committed_len", 0, MAX_SEQ_LEN),
+        return Draft(get_int(f[0], "handle", 1, MAX_U32), get_int(f[1], "committed_len", 0, MAX_SEQ_LEN),
                      get_int(f[2], "prefix_hash", 0, MAX_U32), tokens, q, alternatives)
     if msg_type == MsgType.COMMIT:
         expect_fields(f, 3, "commit")
         new = bin_to_ids(get_bin(f[2], "new_tokens"), "new_tokens", limits.vocab_size, limits.max_prompt_len)
         committed = get_int(f[1], "committed_len", new.size, MAX_SEQ_LEN)
-        return Commit(get_str(f[0], "request_id"), committed, tuple(new.tolist()))
+        return Commit(get_int(f[0], "handle", 1, MAX_U32), committed, tuple(new.tolist()))
     if msg_type == MsgType.REQUEST_START:
-        expect_fields(f, 4, "request_start")
-        prompt = bin_to_ids(get_bin(f[2], "prompt_ids"), "prompt_ids", limits.vocab_size, limits.max_prompt_len)
-        params = _check_params(f[3], lambda detail: ProtocolError(Reason.MALFORMED, detail))
-        return RequestStart(get_str(f[0], "request_id"), get_str(f[1], "session_id"),
-                            tuple(prompt.tolist()), params)
+        expect_fields(f, 5, "request_start")
+        prompt = bin_to_ids(get_bin(f[3], "prompt_ids"), "prompt_ids", limits.vocab_size, limits.max_prompt_len)
+        params = _check_params(f[4], lambda detail: ProtocolError(Reason.MALFORMED, detail))
+        return RequestStart(get_int(f[0], "handle", 1, MAX_U32), get_str(f[1], "request_id"),
+                            get_str(f[2], "session_id"), tuple(prompt.tolist()), params)
     if msg_type == MsgType.HANDSHAKE:
         return _decode_handshake(f)
     if msg_type == MsgType.END:
         expect_fields(f, 2, "end")
-        return End(get_str(f[0], "request_id"), get_str(f[1], "reason"))
+        return End(get_int(f[0], "handle", 0, MAX_U32), get_str(f[1], "reason"))
     if msg_type == MsgType.ERROR:
         expect_fields(f, 3, "error")
         return Error(get_str(f[0], "code"), get_str(f[1], "message"), get_str(f[2], "request_id"))
@@ -123,7 +126,7 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
                           get_int(f[2], "running", 0, MAX_U32))
     if msg_type == MsgType.PAUSE:
         expect_fields(f, 1, "pause")
-        return Pause(get_str(f[0], "request_id"))
+        return Pause(get_int(f[0], "handle", 1, MAX_U32))
     if msg_type in FLOAT_DRAFT_TYPES:
         return decode_float_draft(msg_type, f, limits)
     raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type}")
@@ -139,6 +142,27 @@ def _decode_handshake(f: list[Any]) -> Handshake:
     return Handshake(PROTOCOL_VERSION, get_int(f[0], "vocab_size", 1, MAX_U32), get_str(f[1], "fingerprint"),
                      get_str(f[2], "model_name"), tuple(caps), dict(limits),
                      get_str(f[5], "session_id"))
+
+
+def _handle(handle: int, lowest: int = 1) -> int:
+    if not isinstance(handle, int) or isinstance(handle, bool) or not lowest <= handle <= MAX_U32:
+        raise ValueError(f"a request handle must be an int in [{lowest}, 2**32), got {handle!r}")
+    return handle
+
+
+def refusal_frame(peer_frame: bytes, code: str, message: str) -> bytes:
+    """An Error frame numbered with the version the peer's frame claims (ours if it claims none):
+    Error's layout is the same in every version, so a peer that speaks another protocol version
+    can read why it was refused instead of dropping an undecodable reply."""
+    version = PROTOCOL_VERSION
+    try:
+        head = msgpack.Unpacker(max_buffer_size=len(peer_frame) + 1)
+        head.feed(peer_frame)
+        if head.read_array_header() >= 1 and is_int(v := head.unpack()) and 0 <= v < 1 << 16:
+            version = v
+    except Exception:  # not even a msgpack array: answer in our own version
+        pass
+    return msgpack.packb([version, int(MsgType.ERROR), code, message, ""], use_bin_type=True)
 
 
 MAX_STATUS_MS = 1e6  # an edge status time beyond this (17 minutes) is a lie
@@ -162,4 +186,4 @@ def _check_params(params: Any, error: Any) -> dict[str, Any]:
 
 
 __all__ = ["DecodeLimits", "bin_to_ids", "decode", "encode", "ids_to_bin", "pack_frame",
-           "unpack_frame"]
+           "refusal_frame", "unpack_frame"]

@@ -71,7 +71,9 @@ def unpack_frame(data: bytes, limits: DecodeLimits) -> tuple[int, list[Any]]:
         raise ProtocolError(Reason.MALFORMED, "frame is not [version, type, ...]")
     version, msg_type = frame[0], frame[1]
     if not is_int(version) or version != PROTOCOL_VERSION:
-        raise ProtocolError(Reason.BAD_VERSION, f"peer speaks {version!r}, we speak {PROTOCOL_VERSION}")
+        raise ProtocolError(Reason.BAD_VERSION, f"the peer speaks TSLT protocol version {version!r}, "
+                            f"this side speaks version {PROTOCOL_VERSION}: upgrade the older side "
+                            "(device agent and edge must run the same vllm-tslt protocol)")
     if not is_int(msg_type):
         raise ProtocolError(Reason.BAD_TYPE, f"message type {msg_type!r}")
     return msg_type, frame[2:]

@@ -1,5 +1,11 @@
 """Typed messages between the device (draft agent) and the edge (draft hub). No I/O here.
 
+Request handles: at RequestStart the edge gives each request a small integer ``handle``, unique
+within the device's session (1, 2, 3, ...; never reused in a session). Every later message about
+the request (Commit, Draft, Pause, End) names it by that handle instead of vLLM's request-id string
+(~48 characters, which cost ~12 bytes per draft token). Handle 0 names no request (End(0, ...) is
+the device's goodbye).
+
 Sequence conventions (shared by Commit and Draft): a request's *sequence* is its prompt ids followed
 by its committed output ids. ``committed_len`` counts tokens of that whole sequence, and
 ``prefix_hash`` is ``prefix_hash(sequence[:committed_len])``. The edge applies a draft only when both
@@ -55,11 +61,15 @@ class Handshake:
     session_id: str = ""
 
 
+NO_HANDLE = 0  # End(NO_HANDLE, ...): about the whole session, not one request
+
+
 @dataclass(frozen=True)
 class RequestStart:
-    """Edge -> device: a new request to draft for."""
+    """Edge -> device: a new request to draft for, and the handle later messages name it by."""
 
-    request_id: str
+    handle: int  # >= 1, unique within the session
+    request_id: str  # vLLM's request id, for logs only
     session_id: str
     prompt_ids: tuple[int, ...]
     sampling_params: dict[str, Any] = field(default_factory=dict)  # scalars / lists of scalars
@@ -69,7 +79,7 @@ class RequestStart:
 class Commit:
     """Edge -> device: the sequence is now ``committed_len`` long; ``new_tokens`` were appended."""
 
-    request_id: str
+    handle: int
     committed_len: int
     new_tokens: tuple[int, ...]
 
@@ -82,7 +92,7 @@ class Draft:
     the same q̃ rows as ``tokens`` (the spine). Every token and alternative lies in its row's support.
     """
 
-    request_id: str
+    handle: int
     committed_len: int  # length of the sequence the draft was conditioned on
     prefix_hash: int  # prefix_hash(sequence[:committed_len]), uint32
     tokens: torch.Tensor  # [γ] int64
@@ -111,7 +121,7 @@ class Pause:
     Sent when the device's adaptive γ switches speculation off, so the edge decodes the request
     alone without spending its draft deadline on every step."""
 
-    request_id: str
+    handle: int
 
 
 @dataclass(frozen=True)
@@ -131,15 +141,20 @@ class EdgeStatus:
 
 @dataclass(frozen=True)
 class End:
-    """Either direction: the request is over (finished, aborted, ...); free its state."""
+    """Either direction: the request is over (finished, aborted, ...); free its state.
+    ``End(NO_HANDLE, "bye")`` from a device: it is leaving, free its whole session."""
 
-    request_id: str
+    handle: int
     reason: str
 
 
 @dataclass(frozen=True)
 class Error:
-    """Either direction: something went wrong; ``code`` is machine-readable (e.g. a Reason value)."""
+    """Either direction: something went wrong; ``code`` is machine-readable (e.g. a Reason value).
+
+    NOTE: its frame layout ``[version, ERROR, code, message, request_id]`` is the same in every
+    protocol version, so a refusal sent under the peer's own version number (codec.refusal_frame)
+    can be read by a peer that speaks another version."""
 
     code: str
     message: str

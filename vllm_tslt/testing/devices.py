@@ -70,7 +70,7 @@ class ModelDevice(ScriptedPeer):
 
     def goodbye(self) -> None:
         """Tell the edge this device is leaving (End with an empty request id)."""
-        self.send(End("", "bye"))
+        self.send(End(0, "bye"))
 
     @torch.no_grad()
     def on_context(self, request_id: str) -> None:

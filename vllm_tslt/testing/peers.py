@@ -123,7 +123,7 @@ class ScriptedPeer(Peer):
         if self._thread.ident is not None:
             self._thread.join(timeout=10)
         if goodbye:
-            self.send(End("", "bye"))
+            self.send(End(0, "bye"))
         self.close(linger_ms=200 if goodbye else 0)  # let the goodbye leave
         assert not self._thread.is_alive(), f"{self.name}: thread did not stop"
 
@@ -159,20 +159,20 @@ class ScriptedPeer(Peer):
     def _on_message(self, msg: Any, changed: dict[str, None]) -> None:
         if isinstance(msg, RequestStart):
             with self.lock:
-                self.seqs[msg.request_id] = list(msg.prompt_ids)
-            self.params[msg.request_id] = msg.sampling_params
-            changed[msg.request_id] = None
-        elif isinstance(msg, Commit) and msg.request_id in self.seqs:
+                self.seqs[msg.handle] = list(msg.prompt_ids)
+            self.params[msg.handle] = msg.sampling_params
+            changed[msg.handle] = None
+        elif isinstance(msg, Commit) and msg.handle in self.seqs:
             with self.lock:
-                seq = self.seqs[msg.request_id]
+                seq = self.seqs[msg.handle]
                 seq.extend(msg.new_tokens)
                 assert len(seq) == msg.committed_len, (self.name, msg)
-            changed[msg.request_id] = None
+            changed[msg.handle] = None
         elif isinstance(msg, End):
             with self.lock:
-                self.seqs.pop(msg.request_id, None)
-            self.params.pop(msg.request_id, None)
-            self.on_end(msg.request_id)
+                self.seqs.pop(msg.handle, None)
+            self.params.pop(msg.handle, None)
+            self.on_end(msg.handle)
 
     # hooks ----------------------------------------------------------------------------------
 
@@ -186,14 +186,14 @@ class ScriptedPeer(Peer):
         """Called every loop turn (about every 5 ms), messages or not."""
 
 
-def make_draft(request_id: str, sequence: list[int], gamma: int = 3, seed: int = 0,
+def make_draft(handle: int, sequence: list[int], gamma: int = 3, seed: int = 0,
                prefix: int | None = None, m: int = 1, vocab_size: int = VOCAB_SIZE) -> Draft:
     """A valid draft for `sequence` (γ rows, top-8 q̃ at 8 bits, m candidates per position)."""
     g = torch.Generator().manual_seed(seed)
     cands, q = sparsify_then_sample(torch.randn(gamma, vocab_size, generator=g) * 3,
                                     SparsifyConfig(top_k=8, quant_bits=8),
                                     torch.rand(gamma, m, dtype=torch.float64, generator=g))
-    return Draft(request_id, len(sequence), prefix_hash(sequence) if prefix is None else prefix,
+    return Draft(handle, len(sequence), prefix_hash(sequence) if prefix is None else prefix,
                  cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
 
 
