@@ -253,3 +253,24 @@ def test_tp_check_counts_a_divergent_step_on_rank_0(monkeypatch, tmp_path):
     finally:
         prop.stats.close()
         prop.hub.close()
+
+
+def test_multiprocess_metrics_mode_is_reported(tmp_path, monkeypatch, caplog):
+    """With several API servers vLLM serves /metrics without our collectors: the patch says so
+    and names the way out; with the default registry it stays silent."""
+    from prometheus_client import CollectorRegistry
+
+    from vllm_tslt.edge import stats
+    from vllm_tslt.patches import metrics
+
+    monkeypatch.setattr(stats, "_registered", {})
+    monkeypatch.setattr("prometheus_client.REGISTRY", CollectorRegistry())
+    stats.register_metrics(tmp_path / "a.json", tmp_path / "b.json")
+    assert stats.registered_paths() == [tmp_path / "a.json", tmp_path / "b.json"]
+    import prometheus_client
+
+    with caplog.at_level("WARNING", logger="vllm_tslt.patches.metrics"):
+        metrics._wrap_get_prometheus_registry(lambda: prometheus_client.REGISTRY)()
+        assert not caplog.records
+        metrics._wrap_get_prometheus_registry(CollectorRegistry)()
+    assert "--api-server-count 1" in caplog.text and "b.json" in caplog.text

@@ -346,3 +346,21 @@ def test_cpu_thread_binding_contract():
     assert "local_dp_rank * world_size : (local_dp_rank + 1) * world_size" in parse
     assert "Not enough allowed NUMA nodes" in inspect.getsource(
         OMPProcessManager._get_autobind_cpu_ids)
+
+
+def test_metrics_registry_contract():
+    """patches/metrics.py: /metrics is built on the registry get_prometheus_registry() returns,
+    looked up by name in the instrumentator module; multiprocess mode returns a fresh one."""
+    from vllm.entrypoints.serve.instrumentator import metrics
+    from vllm.v1.metrics import prometheus
+
+    assert "registry = get_prometheus_registry()" in inspect.getsource(metrics.attach_router)
+    assert "make_asgi_app(registry=registry)" in inspect.getsource(metrics.attach_router)
+    source = inspect.getsource(prometheus.get_prometheus_registry)
+    assert "registry = CollectorRegistry()" in source and "PROMETHEUS_MULTIPROC_DIR" in source
+    # ... and the /metrics handler then scrapes a fresh multiprocess registry: ours is left out
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    expose = inspect.getsource(Instrumentator.expose)
+    assert "ephemeral_registry = CollectorRegistry()" in expose
+    assert "multiprocess.MultiProcessCollector(ephemeral_registry)" in expose

@@ -128,7 +128,12 @@ class HubMetricsCollector:
                                 value=float(snap.get("requests_active", 0)))
 
 
-_registered: set[str] = set()
+_registered: dict[str, HubMetricsCollector] = {}
+
+
+def registered_paths() -> list[Path]:
+    """Every hub stats file whose counters this process serves on /metrics."""
+    return [path for collector in _registered.values() for path in collector.paths]
 
 
 def register_metrics(*paths: Path) -> None:
@@ -139,5 +144,6 @@ def register_metrics(*paths: Path) -> None:
         return
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(HubMetricsCollector(*paths))
-    _registered.add(key)
+    collector = HubMetricsCollector(*paths)
+    REGISTRY.register(collector)
+    _registered[key] = collector
