@@ -61,6 +61,9 @@ class DeviceEndpoint:
         self.vocab_fingerprint = vocab_fingerprint
         self.model_name = model_name
         self.max_gamma = max_gamma
+        # More Handshake.limits for devices, e.g. the X-data-parallel-rank of this hub's engine
+        # (vllm_tslt.edge.parallel, set by the proposer before start()).
+        self.extra_limits: dict[str, int] = {}
         self.limits = DecodeLimits(
             vocab_size=vocab_size, max_k=config.max_k, max_gamma=max_gamma,
             max_candidates=config.max_candidates, max_payload_bytes=config.max_payload_bytes,
@@ -291,7 +294,7 @@ class DeviceEndpoint:
         limits = {"max_gamma": self.max_gamma, "max_k": self.config.max_k,
                   "max_candidates": self.config.max_candidates,
                   "max_payload_bytes": self.config.max_payload_bytes,
-                  "draft_deadline_ms": int(self.config.draft_deadline_ms)}
+                  "draft_deadline_ms": int(self.config.draft_deadline_ms), **self.extra_limits}
         logger.info("device session %s... opened (draft model %r)", session.session_id[:6],
                     hello.model_name)
         self._reply(router, identity, Handshake(
