@@ -285,3 +285,81 @@ def agent_with_wire_format_matches_target_greedy(edge, tiny_pair, reference, wir
 
 def test_dsd_fp32_drafts_through_the_scatter_verifier(edge, tiny_pair, reference):
     agent_with_wire_format_matches_target_greedy(edge, tiny_pair, reference, "dsd-fp32")
+
+
+def _plain_samples(client, prompt: str, length: int, total: int, temperature: float = 1.0):
+    model = client.models.list().data[0].id
+    samples = []
+    for _ in range(total // 50):
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=length, n=50,
+                                        temperature=temperature,
+                                        extra_body={"return_token_ids": True})
+        samples.extend(tuple(choice.token_ids) for choice in out.choices)
+    return [s for s in samples if len(s) == length]
+
+
+def test_requests_without_a_device_follow_the_target(client, reference):
+    """Steps with no draft token take vLLM's plain sampler on a tslt edge (patches/runner.py
+    `_sample`). Bound: p > 1e-4 at temperature 1; the same test must reject (p < 1e-4) samples
+    drawn at temperature 0.7 (a deliberately wrong sampler: the test has power)."""
+    prompt = "    def "
+    cells = _continuation_cells(reference, prompt, 3)
+    p_plain = _chi_square_p(_plain_samples(client, prompt, 3, 300), cells)
+    p_wrong = _chi_square_p(_plain_samples(client, prompt, 3, 300, temperature=0.7), cells)
+    assert p_plain > 1e-4, f"edge without a device: p={p_plain:.2e}"
+    assert p_wrong < 1e-4, f"negative control (temperature 0.7) not rejected: p={p_wrong:.2e}"
+
+
+def test_mixed_batch_and_binding_mid_batch(edge, client, device, reference):
+    """A request that names a device joins a batch that had none (the engine skipped the draft
+    round trip until then): its drafts are taken from its first step on and its greedy output is
+    the target's; the undrafted neighbours sampled alongside still follow the target."""
+    import concurrent.futures
+    import threading
+
+    model = client.models.list().data[0].id
+    prompt = "    def "
+    cells = _continuation_cells(reference, prompt, 3)
+    stop = threading.Event()
+
+    def drafted_load() -> int:  # sampled requests with drafts, side by side with the plain ones
+        n = 0
+        while not stop.is_set():
+            client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, n=4,
+                                      temperature=1.0, extra_body=_session(device))
+            n += 1
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        long_run = pool.submit(lambda: list(client.completions.create(
+            model=model, prompt=PROMPTS[1], max_tokens=120, temperature=1.0, stream=True)))
+        time.sleep(1.0)  # an undrafted request is running
+        before = metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"]
+        out = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=24,
+                                        temperature=0, extra_body=_session(device))
+        assert out.choices[0].text == _greedy(reference, PROMPTS[0], 24)
+        load = pool.submit(drafted_load)
+        try:
+            plain = _plain_samples(client, prompt, 3, 300)
+        finally:
+            stop.set()
+        assert load.result(timeout=600) > 0 and long_run.result(timeout=600)
+        p_plain = _chi_square_p(plain, cells)
+    deadline = time.monotonic() + 3  # the worker writes its counters every 0.5 s
+    while metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] <= before:
+        assert time.monotonic() < deadline, "the request that joined mid-batch got no drafts"
+        time.sleep(0.1)
+    assert p_plain > 1e-4, f"undrafted neighbours of a drafted request: p={p_plain:.2e}"
+
+
+def test_min_p_and_logit_bias_are_refused_with_a_clear_error(client):
+    """vLLM 0.32 refuses them with speculative decoding on (sampling_params.py
+    `_validate_spec_decode`), also for requests without a device: README says so."""
+    import openai
+
+    model = client.models.list().data[0].id
+    for extra in ({"min_p": 0.1}, {"logit_bias": {"5": 1.0}}):
+        with pytest.raises(openai.BadRequestError, match="not yet supported with speculative"):
+            client.completions.create(model=model, prompt="import ", max_tokens=4,
+                                      extra_body=extra if "min_p" in extra else None,
+                                      **({} if "min_p" in extra else extra))

@@ -95,14 +95,18 @@ def test_a_draft_is_used_in_the_next_step_only(proposer):
     assert all(_is_one_hot(dense[i], t) for i, t in enumerate([3, 4, 8]))
 
 
-def test_one_hot_cut_mode_verifies_a_cut_structured_draft_with_one_hot_rows(proposer):
-    _run_step(proposer, ["r"], drafts={"r": _draft("r", [3, 4, 5, 6])})
+def test_one_hot_cut_mode_verifies_every_structured_draft_with_one_hot_rows(proposer):
+    """Cut or not: whether a grammar cuts a draft depends on its values, so the choice of rows
+    must not (q̃ rows for uncut drafts only would be biased)."""
+    _run_step(proposer, ["r", "s"], drafts={"r": _draft("r", [3, 4, 5, 6]),
+                                             "s": _draft("s", [7, 8])})
     proposer._cut_mode["r"] = "one_hot"
-    dense = _run_step(proposer, ["r"], scheduled={"r": [3, 4]})  # cut where a token was invalid
-    assert _is_one_hot(dense[0], 3) and _is_one_hot(dense[1], 4)
+    dense = _run_step(proposer, ["r", "s"], scheduled={"r": [3, 4], "s": [7, 8]})
+    assert _is_one_hot(dense[0], 3) and _is_one_hot(dense[1], 4)  # cut where a token was invalid
+    assert float(dense[2, 63]) == 0.5  # an unconstrained neighbour keeps its q̃
     _run_step(proposer, ["r"], drafts={"r": _draft("r", [3, 4])})
-    dense = _run_step(proposer, ["r"], scheduled={"r": [3, 4]})  # not cut: q̃ rows
-    assert float(dense[0, 63]) == 0.5
+    dense = _run_step(proposer, ["r"], scheduled={"r": [3, 4]})  # not cut: one-hot as well
+    assert _is_one_hot(dense[0], 3) and _is_one_hot(dense[1], 4)
 
 
 # --- patches/structured.py helpers (no vLLM engine needed) --------------------------------------

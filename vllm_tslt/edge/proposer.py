@@ -294,9 +294,11 @@ class TsltProposer:
                 continue
             tokens = scheduled[offset: offset + n]
             offset += n
-            draft, handed_out = pending.get(rid, (None, 0))
-            if n < handed_out and self._cut_mode.get(rid) == "one_hot":
-                draft = None  # a grammar may have cut it where a token was invalid: rule 8
+            draft, _ = pending.get(rid, (None, 0))
+            if self._cut_mode.get(rid) == "one_hot":
+                # NOTE: every draft of such a request, cut or not: whether the grammar cut it
+                # depends on the drafted values, so q̃ rows for uncut drafts only would be biased.
+                draft = None
                 self.hub.count("draft_rows_one_hot_structured", n)
             if draft is not None and draft.gamma >= n and torch.equal(draft.tokens[:n], tokens):
                 parts.append(draft.q.rows(0, n))

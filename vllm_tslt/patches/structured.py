@@ -21,8 +21,9 @@ exactly the (request, token) pairs this wrapper appended.
 
 This needs a grammar that refuses a token without changing its state: xgrammar (vLLM's choice
 for regex, JSON schema, choice and most grammars). For other backends (guidance, outlines,
-lm-format-enforcer) vLLM's cut stays and the proposer verifies a cut draft with one-hot rows
-(`cut_mode`): exact, with lower acceptance on those requests.
+lm-format-enforcer) vLLM's cut stays and the proposer verifies every draft of such a request with
+one-hot rows (`cut_mode`): exact, with lower acceptance on those requests. (One-hot rows for cut
+drafts only would not be: whether a draft is cut depends on the drafted values.)
 
 Test-only switch (negative controls and measurements, honoured only with
 `VLLM_TSLT_TEST_SWITCHES=1` on the server): `vllm_xargs.tslt_test_structured_cut` = "truncate"
@@ -56,9 +57,9 @@ def cut_mode(sampling_params: Any) -> str:
 
     "none": not a structured-output request. "reject_slot": the first grammar-invalid draft
     token is kept and verified with its own q̃ row (xgrammar: it refuses a token without changing
-    its state). "one_hot": vLLM's cut, and the proposer verifies a cut draft with one-hot rows
-    (other backends, e.g. guidance, would enter an error state on an invalid token; one-hot is
-    exact for any draft, DESIGN.md rule 7). "truncate": vLLM's biased behaviour (test-only).
+    its state). "one_hot": vLLM's cut, and the proposer verifies all of the request's drafts
+    with one-hot rows (other backends, e.g. guidance, would enter an error state on an invalid
+    token; one-hot is exact for any draft, DESIGN.md rule 7). "truncate": vLLM's biased behaviour (test-only).
     """
     from vllm_tslt import envs
 
