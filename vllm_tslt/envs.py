@@ -38,3 +38,10 @@ def launcher_pid() -> int | None:
     server stops itself and its children when that process is gone. None when unset."""
     value = os.environ.get("VLLM_TSLT_LAUNCHER_PID", "")
     return int(value) if value.isdigit() else None
+
+
+def overhead_patches_enabled() -> bool:
+    """`VLLM_TSLT_OVERHEAD_PATCHES=0` turns off the patches that only save time for requests
+    without drafts (patches/engine.py, the `_sample` shortcut in patches/runner.py), so a
+    benchmark can show the edge with and without them side by side. Default: on."""
+    return os.environ.get("VLLM_TSLT_OVERHEAD_PATCHES", "1") != "0"

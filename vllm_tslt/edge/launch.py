@@ -53,10 +53,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def vllm_server(model: Path, log_path: Path, speculative: dict | None = None,
                 extra_args: Sequence[str] = (), startup_timeout_s: float = 600,
-                max_model_len: int = 1024, cpus: set[int] | None = None) -> Iterator[str]:
+                max_model_len: int = 1024, cpus: set[int] | None = None,
+                env: Mapping[str, str] | None = None) -> Iterator[str]:
     """Yields the API base URL once `/v1/models` answers; kills the whole process group on exit.
 
-    ``cpus``: pin the server and every process it starts to these CPUs (benchmarks)."""
+    ``cpus``: pin the server and every process it starts to these CPUs (benchmarks).
+    ``env``: extra environment variables for the server."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm_tslt.cli", "serve", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),

@@ -33,7 +33,10 @@ def _wrap_post_step(original):
     @functools.wraps(original)
     def post_step(self, model_executed: bool) -> None:
         if getattr(self, "_tslt_engine", None) is None:
-            self._tslt_engine = bool((self.vllm_config.additional_config or {}).get("tslt"))
+            from vllm_tslt import envs
+
+            self._tslt_engine = bool((self.vllm_config.additional_config or {}).get("tslt")) \
+                and envs.overhead_patches_enabled()
         if self._tslt_engine and not any_request_has_session(self.scheduler.running):
             return None
         return original(self, model_executed)

@@ -72,7 +72,8 @@ def _wrap_sample(original):
         # output, which is identical on every rank.
         if not _is_tslt(self):
             return original(self, logits, spec_decode_metadata)
-        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+        if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0
+                and _SHORTCUT):
             output = original(self, logits, None)
         else:
             output = original(self, logits, spec_decode_metadata)
@@ -81,6 +82,8 @@ def _wrap_sample(original):
 
     return _sample
 
+
+_SHORTCUT = True  # envs.overhead_patches_enabled(), read when the patches are applied
 
 PATCHES = (
     Patch(RUNNER, "_sample", "0.32.0", _wrap_sample),
@@ -91,6 +94,10 @@ PATCHES = (
 
 
 def apply() -> bool:
+    global _SHORTCUT
+    from vllm_tslt import envs
+
+    _SHORTCUT = envs.overhead_patches_enabled()
     applied = False
     for patch in PATCHES:
         if not patch.applied:
