@@ -66,7 +66,7 @@ def vllm_server(model: Path, log_path: Path, speculative: dict | None = None,
     if speculative is not None:
         cmd += ["--speculative-config", json.dumps(speculative)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     with open(log_path, "w") as log:
         proc = spawn_server(cmd, log, env, cpus)
     url = f"http://127.0.0.1:{port}"
