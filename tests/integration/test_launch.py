@@ -24,8 +24,9 @@ from vllm_tslt.edge.launch import LAUNCHER_GRACE_S
 pytestmark = pytest.mark.integration
 
 LAUNCHER = """
-import os, sys, time
+import os, signal, sys, time
 from vllm_tslt.edge.launch import spawn_server
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, also when started in background
 with open(sys.argv[2], "w") as log:
     proc = spawn_server([sys.executable, sys.argv[1]], log, dict(os.environ))
 print(proc.pid, flush=True)
