@@ -24,3 +24,15 @@ def tiny_pair():
     from vllm_tslt.models.pairs import ensure_pair
 
     return ensure_pair("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_pair):
+    """(tokenizer, target model) of the tiny pair in transformers, float32: the exact reference
+    the end-to-end tests compare vLLM's output with."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair.target))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32)
+    return tok, model.eval()

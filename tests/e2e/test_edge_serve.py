@@ -48,12 +48,8 @@ def _session(dev) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_pair):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_pair.target))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32)
-    return tok, model.eval()
+def reference(tiny_reference):
+    return tiny_reference
 
 
 def _greedy(reference, prompt: str, n: int) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 
@@ -57,16 +56,9 @@ def edge(tiny_pair, tmp_path_factory):
     spec = {"method": "tslt", "num_speculative_tokens": 4, "bind": f"tcp://127.0.0.1:{hub_port}",
             "draft_deadline_ms": 3000}
     log = tmp_path_factory.mktemp("edge-structured") / "vllm.log"
-    previous = os.environ.get("VLLM_TSLT_TEST_SWITCHES")
-    os.environ["VLLM_TSLT_TEST_SWITCHES"] = "1"  # allows the negative control's switch
-    try:
-        with vllm_server(tiny_pair.target, log, spec) as url:
-            yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_TSLT_TEST_SWITCHES", None)
-        else:
-            os.environ["VLLM_TSLT_TEST_SWITCHES"] = previous
+    # VLLM_TSLT_TEST_SWITCHES allows the negative control's per-request switch on this server only
+    with vllm_server(tiny_pair.target, log, spec, env={"VLLM_TSLT_TEST_SWITCHES": "1"}) as url:
+        yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
 
 
 @pytest.fixture(scope="module")
@@ -241,12 +233,6 @@ def test_constrained_samples_with_device_equal_edge_alone(edge, grammars, tiny_p
     assert "Unexpected: grammar terminated" not in edge["log"].read_text()
 
 
-reference = pytest.fixture(scope="module")(lambda tiny_pair: _reference(tiny_pair))
-
-
-def _reference(tiny_pair):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_pair.target))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32)
-    return tok, model.eval()
+@pytest.fixture(scope="module")
+def reference(tiny_reference):
+    return tiny_reference
