@@ -79,16 +79,14 @@ def device_agent(draft: Path, hub: str, api: str, log: Path, cpus: frozenset[int
                  ) -> Iterator[str]:
     """A real device agent (`vllm-tslt agent`) in a child process; yields its front's URL once
     it holds a session with the edge."""
-    from vllm_tslt.edge.launch import free_port
+    from vllm_tslt.edge.launch import free_port, spawn_server
 
     port = free_port()
     cmd = [sys.executable, "-m", "vllm_tslt.cli", "agent", "--draft-model", str(draft),
            "--edge", hub, "--api", api, "--listen", f"127.0.0.1:{port}", "--top-k", "16",
            "--num-draft-tokens", str(GAMMA)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    with open(log, "w") as out:  # tied to this process like the servers (parent-death signal)
+        proc = spawn_server(cmd, out, {**os.environ, "HF_HUB_OFFLINE": "1"}, set(cpus))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
