@@ -22,12 +22,15 @@ def main() -> int:
     parser.add_argument("--pairs", default="tiny,base", help="comma-separated built-in pairs")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 3)")
+    parser.add_argument("--prompts-per-client", type=int, default=4,
+                        help="requests per concurrent client (at least 16 per run)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/overhead"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     plan = Plan(pairs=tuple(args.pairs.split(",")), rounds=args.rounds,
+                prompts_per_client=args.prompts_per_client,
                 concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
     os.sched_setaffinity(0, plan.client_cpus)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,4 +34,4 @@ def test_ratios_are_medians_of_per_round_ratios(tmp_path):
 
 def test_prompt_counts():
     plan = Plan()
-    assert plan.num_prompts(1) == 16 and plan.num_prompts(16) == 128
+    assert plan.num_prompts(1) == 16 and plan.num_prompts(16) == 64

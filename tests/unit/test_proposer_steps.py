@@ -172,3 +172,20 @@ def test_drafts_are_capped_while_a_request_is_short_of_min_tokens(proposer):
     # outputs L = 1..6: caps 3, 2, 1, 0, then no cap (L >= 5)
     assert [len(t) for t in handed] == [3, 2, 1, 0, 4, 4]
     assert "r" not in proposer._min_tokens
+
+
+def test_fused_noise_rows_only_for_drafted_requests():
+    """The fused verifier draws Exp(1) rows only for requests with drafts (the only rows it
+    reads); a seeded request's row is its generator's next draw, as in vLLM."""
+    from vllm_tslt.edge.verify import _exponential_noise
+
+    seeded = torch.Generator().manual_seed(7)
+    meta = SimpleNamespace(generators={1: seeded, 2: torch.Generator().manual_seed(8)})
+    q = _exponential_noise([0, 3, 0, 2], 16, meta, torch.device("cpu"), torch.float32)
+    expected = torch.empty(16).exponential_(generator=torch.Generator().manual_seed(7))
+    assert torch.equal(q[1], expected)  # seeded and drafted: vLLM's stream
+    assert torch.all(q[0] == 1) and torch.all(q[2] == 1)  # undrafted: never read, not drawn
+    assert torch.all(q[3] > 0) and not torch.all(q[3] == 1)  # unseeded, drafted: Exp(1)
+    assert meta.generators[2].initial_seed() == 8 and torch.equal(  # request 2's stream untouched
+        torch.rand(1, generator=meta.generators[2]),
+        torch.rand(1, generator=torch.Generator().manual_seed(8)))

@@ -47,7 +47,7 @@ class Plan:
     rounds: int = 3
     input_len: int = 32
     output_len: int = 64
-    prompts_per_client: int = 8  # num_prompts = max(16, concurrency * this)
+    prompts_per_client: int = 4  # num_prompts = max(16, concurrency * this)
     edge_cpus: frozenset[int] = frozenset({0})
     client_cpus: frozenset[int] = frozenset({1})
 

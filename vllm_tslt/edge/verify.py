@@ -70,10 +70,18 @@ def fused_rejection_sample(
 
 def _exponential_noise(num_draft_tokens: list[int], vocab_size: int, sampling_metadata,
                        device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # NOTE: mirrors vllm.v1.sample.rejection_sampler.sample_recovered_tokens (0.32.0): one Exp(1)
-    # row per request, from the request's generator when seeded and it has draft tokens.
-    q = torch.empty((len(num_draft_tokens), vocab_size), dtype=dtype, device=device)
-    q.exponential_()
+    # NOTE: like vllm.v1.sample.rejection_sampler.sample_recovered_tokens (0.32.0), one Exp(1)
+    # row per request, from the request's generator when seeded, but only for requests with
+    # draft tokens: the sampler reads no other row (vLLM draws all of them, which is most of its
+    # rejection sampler's time in a batch of mostly undrafted requests: docs/overhead.md). The
+    # other rows are 1 (finite, never read). Seeded streams are as vLLM's: it skips those too.
+    q = torch.ones((len(num_draft_tokens), vocab_size), dtype=dtype, device=device)
+    drafted = [i for i, n in enumerate(num_draft_tokens) if n > 0]
+    if len(drafted) == len(num_draft_tokens):
+        q.exponential_()
+    elif drafted:
+        rows = torch.tensor(drafted, device=device)
+        q[rows] = torch.empty((len(drafted), vocab_size), dtype=dtype, device=device).exponential_()
     for i, generator in sampling_metadata.generators.items():
         if num_draft_tokens[i] > 0:
             q[i].exponential_(generator=generator)
