@@ -13,11 +13,13 @@ drafts from
 which it samples from exactly (it is honest; DESIGN.md rule 1). The bias of the unpatched cut at
 the first output position is computed from the target before sampling (asserted >= 0.03).
 
-Per constraint (regex and JSON schema), one server serves four arms of 600 samples each:
+Per constraint (regex and JSON schema), one server serves four arms of 600 (regex) or 1,200 (JSON)
+samples each:
 the edge alone; the honest device (the fix); the honest device with vLLM's cut re-introduced
 through a test-only switch (negative control: must be rejected, p < 1e-6); and the honest device
 with the one-hot alternative (exact too; measured for its acceptance). Each arm's token
-distribution at positions 1..3 is compared with the edge alone by a chi-square test of homogeneity.
+distribution at positions 1..3, and the pair at positions 1-2, is compared with the edge alone by
+chi-square tests of homogeneity (the smallest p-value of the four is reported).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .server import free_port, metrics, vllm_server
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.statistical]
 logger = logging.getLogger(__name__)
 
-SAMPLES = 600  # per arm
+SAMPLES = {"regex": 600, "json": 1200}  # per arm (JSON needs more: its bias is split over strata)
 LENGTH = {"regex": 3, "json": 3}  # tokens compared per sample
 PROMPT = "    def "
 REGEX = r"[a-z_]{2,12}\("
@@ -148,7 +150,7 @@ def _first_position_bias(reference, grammars, name: str) -> float:
 
 def _sample(client, model: str, name: str, extra: dict) -> list[tuple[int, ...]]:
     out = []
-    for _ in range(SAMPLES // 50):
+    for _ in range(SAMPLES[name] // 50):
         resp = client.completions.create(
             model=model, prompt=PROMPT, max_tokens=LENGTH[name], n=50, temperature=1.0,
             extra_body={"structured_outputs": CONSTRAINTS[name], "return_token_ids": True,
@@ -157,10 +159,15 @@ def _sample(client, model: str, name: str, extra: dict) -> list[tuple[int, ...]]
     return out
 
 
-def _homogeneity_p(a: list[tuple[int, ...]], b: list[tuple[int, ...]], position: int) -> float:
-    """Chi-square homogeneity of the token at `position` (tokens seen < 10 times pooled)."""
-    xa = [s[position] if len(s) > position else -1 for s in a]
-    xb = [s[position] if len(s) > position else -1 for s in b]
+def _homogeneity_p(a: list[tuple[int, ...]], b: list[tuple[int, ...]], position) -> float:
+    """Chi-square homogeneity of the token at `position`, or of the token pair at a slice of
+    positions (the bias at position 2 depends on token 1; the joint keeps those strata apart).
+    Values seen fewer than 10 times in both samples together are pooled."""
+    def cell(s):
+        return tuple(s[position]) if isinstance(position, slice) else (
+            s[position] if len(s) > position else -1)
+
+    xa, xb = [cell(s) for s in a], [cell(s) for s in b]
     keys = sorted(set(xa) | set(xb))
     table = np.array([[xa.count(k) for k in keys], [xb.count(k) for k in keys]])
     big = table.sum(axis=0) >= 10
@@ -218,14 +225,14 @@ def test_constrained_samples_with_device_equal_edge_alone(edge, grammars, tiny_p
             accept[arm] = (round(accepted / max(drafted, 1), 3), round(accepted / max(steps, 1), 3))
     finally:
         dev.stop()
-    p = {arm: min(_homogeneity_p(s, alone, i) for i in range(LENGTH[name]))
-         for arm, s in arms.items()}
+    tests = [*range(LENGTH[name]), slice(0, 2)]  # each position, and the first two jointly
+    p = {arm: min(_homogeneity_p(s, alone, t) for t in tests) for arm, s in arms.items()}
     tv = {arm: max(_tv(s, alone, i) for i in range(LENGTH[name])) for arm, s in arms.items()}
     logger.warning("structured %s: first-position bias (theory) %.3f; min p %s; largest TV per position "
                    "vs edge alone %s; acceptance (per draft token, per draft step) %s (%d samples per arm)", name, bias, p, tv,
-                   accept, SAMPLES)
+                   accept, SAMPLES[name])
     print(f"\n[structured {name}] theory bias {bias:.3f} | min p {p} | max TV {tv} | "
-          f"acceptance {accept} | {SAMPLES} samples per arm")
+          f"acceptance {accept} | {SAMPLES[name]} samples per arm")
     assert p["honest"] > P_HONEST, f"{name}: honest device changed the output (p={p['honest']:.2e})"
     assert p["one_hot"] > P_HONEST, f"{name}: one-hot cut changed the output ({p['one_hot']:.2e})"
     assert p["truncate"] < P_CONTROL, \
