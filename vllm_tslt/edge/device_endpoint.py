@@ -73,7 +73,10 @@ class DeviceEndpoint:
         self.ctx = zmq.Context() if config.curve else zmq.Context.instance()
         self._auth: Any = None  # zmq.auth.thread.ThreadAuthenticator when CURVE is on
         self._outbox_addr = f"inproc://tslt-hub-{id(self)}"
-        self._outbox: zmq.Socket | None = None  # the engine thread's PUSH end
+        self._outbox: zmq.Socket | None = None  # the engine side's PUSH end
+        # NOTE: a ZeroMQ socket must not be used by two threads at once (libzmq aborts the
+        # process). vLLM calls the hub from one thread, but tests and embedders may not.
+        self._outbox_lock = threading.Lock()
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -109,9 +112,10 @@ class DeviceEndpoint:
         self._stop.set()
         if self.thread is not None:
             self.thread.join(timeout=2.0)
-        if self._outbox is not None:
-            self._outbox.close(linger=0)
-            self._outbox = None
+        with self._outbox_lock:
+            if self._outbox is not None:
+                self._outbox.close(linger=0)
+                self._outbox = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -121,18 +125,20 @@ class DeviceEndpoint:
     # ------------------------------------------------------------------ engine thread
 
     def send(self, identity: bytes, msg: Any) -> None:
-        """Queue a message for a device (engine thread only; the I/O thread sends it)."""
+        """Queue a message for a device (from the engine side, any thread; the I/O thread sends
+        it)."""
         data = encode(msg)
-        if self._outbox is None:
-            self._outbox = self.ctx.socket(zmq.PUSH)
-            self._outbox.setsockopt(zmq.LINGER, 0)
-            self._outbox.setsockopt(zmq.SNDHWM, 100_000)
-            self._outbox.connect(self._outbox_addr)
-        try:
-            self._outbox.send_multipart([identity, data], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.table.count("downlink_dropped_full")
-            return
+        with self._outbox_lock:
+            if self._outbox is None:
+                self._outbox = self.ctx.socket(zmq.PUSH)
+                self._outbox.setsockopt(zmq.LINGER, 0)
+                self._outbox.setsockopt(zmq.SNDHWM, 100_000)
+                self._outbox.connect(self._outbox_addr)
+            try:
+                self._outbox.send_multipart([identity, data], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.table.count("downlink_dropped_full")
+                return
         self.table.count("downlink_bytes", len(data))
         self.table.count("downlink_messages")
 
