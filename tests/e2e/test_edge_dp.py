@@ -50,12 +50,6 @@ def edge(tiny_pair, tmp_path_factory):
                "log": log}
 
 
-@pytest.fixture(scope="module")
-def client(edge):
-    from openai import OpenAI
-
-    return OpenAI(base_url=edge["url"] + "/v1", api_key="unused", timeout=300)
-
 
 @pytest.fixture(scope="module")
 def devices(edge, tiny_pair):
@@ -67,15 +61,6 @@ def devices(edge, tiny_pair):
     for dev in devs:
         dev.stop()
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_pair):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_pair.target))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32)
-    return tok, model.eval()
 
 
 def _wait_for(url: str, key: str, minimum: float) -> None:

@@ -23,8 +23,6 @@ def edge(tiny_pair, tmp_path_factory):
         yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
 
 
-client = common.client
-reference = common.reference
 
 
 @pytest.fixture()

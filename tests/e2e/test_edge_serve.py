@@ -27,12 +27,6 @@ def edge(tiny_pair, tmp_path_factory):
         yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
 
 
-@pytest.fixture(scope="module")
-def client(edge):
-    from openai import OpenAI
-
-    return OpenAI(base_url=edge["url"] + "/v1", api_key="unused", timeout=300)
-
 
 @pytest.fixture()
 def device(edge, tiny_pair):
@@ -46,10 +40,6 @@ def device(edge, tiny_pair):
 def _session(dev) -> dict:
     return {"vllm_xargs": {"tslt_session": dev.session_id}}
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_reference):
-    return tiny_reference
 
 
 def _greedy(reference, prompt: str, n: int) -> str:

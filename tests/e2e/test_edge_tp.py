@@ -63,12 +63,6 @@ def edge(tiny_pair, tmp_path_factory):
                 os.environ[key] = value
 
 
-@pytest.fixture(scope="module")
-def client(edge):
-    from openai import OpenAI
-
-    return OpenAI(base_url=edge["url"] + "/v1", api_key="unused", timeout=300)
-
 
 @pytest.fixture(scope="module")
 def device(edge, tiny_pair):
@@ -78,15 +72,6 @@ def device(edge, tiny_pair):
     yield dev
     dev.stop()
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_pair):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_pair.target))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32)
-    return tok, model.eval()
 
 
 def _session(dev, **extra) -> dict:

@@ -239,7 +239,3 @@ def test_constrained_samples_with_device_equal_edge_alone(edge, grammars, tiny_p
         f"{name}: negative control (vLLM's cut) not detected: p={p['truncate']:.2e}"
     assert "Unexpected: grammar terminated" not in edge["log"].read_text()
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_reference):
-    return tiny_reference
