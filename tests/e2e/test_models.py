@@ -41,7 +41,9 @@ def test_tiny_pair_is_concentrated_and_agrees(tiny_pair):
     # The statistical tiers need a peaky target and a correlated draft (see recipes.TINY).
     assert stats["target_mean_entropy"] <= 1.5, stats
     assert stats["alpha"] >= 0.5, stats
-    assert stats["build_seconds"]["total_s"] < 600, stats
+    # Build time is recorded for the report (scripts/models_report.py), never asserted: a timed
+    # test fails on a loaded machine or a shared cache without anything being wrong.
+    assert stats["build_seconds"]["total_s"] > 0, stats
 
 
 UNICODE_SAMPLES = [
