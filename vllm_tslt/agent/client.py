@@ -125,6 +125,11 @@ class EdgeClient:
         return self.state == "ready"
 
     @property
+    def socket(self) -> zmq.Socket | None:
+        """The DEALER socket while one is open (for an external poller; do not read from it)."""
+        return self._sock
+
+    @property
     def edge_limits(self) -> dict[str, int]:
         return dict(self.edge_hello.limits) if self.edge_hello else {}
 

@@ -115,6 +115,8 @@ class DraftRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None  # why the loop ended, if it failed
+        # (draft tokens, accepted) per verified round, when a benchmark asks for it (a list).
+        self.round_log: list[tuple[int, int]] | None = None
         self.counters: dict[str, int] = {
             "requests": 0, "commits": 0, "drafts_sent": 0, "draft_tokens_sent": 0,
             "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
@@ -172,13 +174,19 @@ class DraftRuntime:
 
     def run_once(self) -> None:
         """One loop iteration (public so tests can drive the loop without a thread)."""
+        self.service(0.0 if self._has_work() else IDLE_POLL_S)
+        self._work()
+
+    def service(self, timeout_s: float) -> None:
+        """Advance the client's timers and handle the edge's messages (waiting up to
+        ``timeout_s`` for the first). The device farm (vllm_tslt.bench.farm) calls this, then
+        ``next_batch`` / ``after_extend`` around one forward shared by many devices."""
         self.client.step()
         if self.client.epoch != self._epoch:  # new session: the edge knows none of our requests
             self._epoch = self.client.epoch
             self.tracks.clear()
-        for msg in self.client.poll(0.0 if self._has_work() else IDLE_POLL_S):
+        for msg in self.client.poll(timeout_s):
             self._handle(msg)
-        self._work()
 
     # ------------------------------------------------------------------------------------------
     # Events from the edge
@@ -268,6 +276,8 @@ class DraftRuntime:
             return False
         self.counters["rounds"] += 1
         self.counters["accepted_tokens"] += accepted
+        if self.round_log is not None:
+            self.round_log.append((len(sent.tokens), accepted))
         self.gamma_ctl.observe_round(len(sent.tokens), accepted, sent.num_bytes,
                                      now - sent.sent_at)
         return True
@@ -309,14 +319,23 @@ class DraftRuntime:
 
     def _work(self) -> None:
         """One batched chain extension: urgent requests first, else proactive ones."""
+        batch = self.next_batch()
+        if batch:
+            t0 = time.perf_counter()
+            self.drafter.extend(batch)
+            self.gamma_ctl.observe_draft(1, time.perf_counter() - t0)
+        self.after_extend()
+
+    def next_batch(self) -> list[DraftState]:
+        """The states to extend by one chain token now: urgent requests, else proactive ones."""
         urgent = [t for t in self.tracks.values() if t.gamma and t.sent is None]
         batch = [t for t in urgent if t.state.chain_len < t.gamma]
         if not batch:  # nothing urgent: draft ahead
             batch = [t for t in self.tracks.values() if self._proactive_wanted(t)]
-        if batch:
-            t0 = time.perf_counter()
-            self.drafter.extend([t.state for t in batch])
-            self.gamma_ctl.observe_draft(1, time.perf_counter() - t0)
+        return [t.state for t in batch]
+
+    def after_extend(self) -> None:
+        """Send every draft (and draft ahead) whose chain is long enough now."""
         for t in self.tracks.values():
             if t.sent is None and t.gamma and t.state.chain_len >= t.gamma:
                 self._send(t)
