@@ -57,13 +57,10 @@ def test_farm_devices_draft_in_shared_forwards_and_greedy_output_is_the_targets(
         while any(rt.tracks for rt in farm.runtimes) and time.monotonic() < deadline:
             time.sleep(0.01)  # the last commits and End reach the devices
         stats = farm.stats.snapshot()
-        rounds = farm.rounds()
+        device_rounds = sum(rt.stats()["rounds"] for rt in farm.runtimes)
     assert all(engine.stats.drafted.get(j.request_id) for j in jobs), engine.stats
     assert stats["mean_batch"] > 1.5, stats  # devices drafted together, not one by one
-    # The devices saw every verified round; the engine counts a final round's acceptance before
-    # cutting it at max_tokens, so it may count a few more.
-    seen, verified = sum(a for _, a in rounds), sum(engine.stats.accepted.values())
-    assert 0.8 * verified <= seen <= verified
+    assert device_rounds >= 0.8 * sum(engine.stats.drafted.values())  # commits reached devices
 
 
 def test_a_device_is_busy_for_its_modelled_drafting_time(models, hub):

@@ -128,3 +128,37 @@ def test_request_params_narrow_the_agent_truncation():
     assert (cfg.temperature, cfg.top_k, cfg.top_p) == (0.5, 8, 0.9)
     off = request_sparsify_config({"temperature": 1e-6, "top_k": 0, "top_p": 1.0}, base)
     assert off.greedy and (off.top_k, off.top_p) == (32, 0.95)
+
+
+@pytest.mark.parametrize("top_p,candidates", [(None, 1), (0.9, 1), (0.9, 3)])
+def test_batched_sampling_equals_one_call_per_state(drafter, top_p, candidates):
+    """States sampled together get exactly the q̃ rows, tokens and alternatives that one call per
+    state gives (the farm and the agent batch many requests into one sampling call)."""
+    import torch
+
+    from vllm_tslt.core.rng import position_uniforms, position_uniforms_many
+
+    cfg = SparsifyConfig(top_k=16, top_p=top_p)
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(drafter.vocab_size, generator=gen) * 3 for _ in range(5)]
+    tokens = [list(range(1, 4 + i)) for i in range(5)]
+
+    def fresh():
+        return [drafter.new_state(f"r{i}", tokens[i], {"temperature": 0.8, "seed": 100 + i},
+                                  candidates=candidates) for i in range(5)]
+
+    together, alone = fresh(), fresh()
+    for s in together:
+        s.sparsify = request_sparsify_config({"temperature": 0.8}, cfg)
+    for s in alone:
+        s.sparsify = request_sparsify_config({"temperature": 0.8}, cfg)
+    drafter._sample_all(together, logits)
+    for s, row in zip(alone, logits):
+        drafter._sample_all([s], [row])
+    for a, b in zip(together, alone):
+        assert a.tokens == b.tokens and a.chain_alts == b.chain_alts
+        (ia, ca), (ib, cb) = a.chain_rows[0], b.chain_rows[0]
+        assert torch.equal(ia, ib) and torch.equal(ca, cb)
+    many = position_uniforms_many([7, 8, 9], [3, 0, 11], 2)
+    for i, (seed, pos) in enumerate(((7, 3), (8, 0), (9, 11))):
+        assert torch.equal(many[i], position_uniforms(seed, [pos], 2)[0])

@@ -21,6 +21,7 @@ Randomness (DESIGN.md rule 6): the draft at absolute position t uses
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from vllm_tslt.core.float_q import FloatQ, baseline_then_sample
-from vllm_tslt.core.rng import position_uniforms
+from vllm_tslt.core.rng import position_uniforms, position_uniforms_many
 from vllm_tslt.core.sparsify import SparseQ, SparsifyConfig, sparsify_then_sample
 from vllm_tslt.protocol.messages import Draft, PrefixHasher, prefix_hash
 
@@ -100,6 +101,40 @@ class DraftState:
 
     def chain_tokens(self) -> list[int]:
         return self.tokens[self.committed_len:]
+
+
+@functools.cache
+def _batch_layer_class() -> type:
+    """transformers' DynamicLayer for one batched decode step (imported lazily, like the model):
+    ``keys``/``values`` [batch, heads, width + 1, dim] hold the left-padded history in columns
+    < width; ``update`` writes the new token's KV into column ``width`` in place and returns the
+    whole buffer, where DynamicLayer would concatenate (copying the batch's KV again)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BatchLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+            super().__init__()
+            self.keys, self.values, self.width = keys, values, width
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self.filled = False
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.filled or key_states.shape[-2] != 1:
+                raise RuntimeError("a batched decode step takes exactly one new token")
+            self.keys[:, :, self.width:] = key_states
+            self.values[:, :, self.width:] = value_states
+            self.filled = True
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.width + int(self.filled)
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.get_seq_length() + query_length, 0
+
+    return BatchLayer
 
 
 class CommitMismatch(ValueError):
@@ -237,8 +272,7 @@ class Drafter:
                 logits[s.request_id] = self._forward_one(s)  # prefill / catch-up
         if len(singles) > 1:
             logits.update(zip((s.request_id for s in singles), self._forward_batched(singles)))
-        for s in states:
-            self._sample_next(s, logits[s.request_id])
+        self._sample_all(states, [logits[s.request_id] for s in states])
 
     def _forward_one(self, state: DraftState) -> torch.Tensor:
         """Feed tokens[cache_len:] through the cache -> [vocab_size] float32 logits of the last."""
@@ -257,43 +291,70 @@ class Drafter:
         width = max(lens)
         batch = len(states)
         mask = torch.zeros((batch, width + 1), dtype=torch.long, device=self.device)
-        layers = []
-        for layer_idx in range(len(states[0].cache.layers)):
-            ks, vs = [], []
-            for s, n in zip(states, lens):
-                layer = s.cache.layers[layer_idx]
-                ks.append(torch.nn.functional.pad(layer.keys, (0, 0, width - n, 0)))
-                vs.append(torch.nn.functional.pad(layer.values, (0, 0, width - n, 0)))
-            layers.append((torch.cat(ks), torch.cat(vs)))  # [batch, heads, width, head_dim]
         for i, n in enumerate(lens):
             mask[i, width - n:] = 1
-        cache = DynamicCache(ddp_cache_data=layers)
+        layers = []
+        for layer_idx in range(len(states[0].cache.layers)):
+            # One buffer per layer with a column for the new token: written in place by the
+            # forward (_BatchLayer), so the batch's KV is copied once per step, not three times.
+            first = states[0].cache.layers[layer_idx]
+            shape = (batch, first.keys.shape[1], width + 1, first.keys.shape[3])
+            keys, values = first.keys.new_zeros(shape), first.values.new_zeros(shape)
+            for i, (s, n) in enumerate(zip(states, lens)):
+                layer = s.cache.layers[layer_idx]
+                keys[i, :, width - n:width] = layer.keys[0]
+                values[i, :, width - n:width] = layer.values[0]
+            layers.append(_batch_layer_class()(keys, values, width))
+        cache = DynamicCache()
+        cache.layers = layers
         ids = torch.tensor([[s.tokens[-1]] for s in states], dtype=torch.long, device=self.device)
         pos = torch.tensor([[n] for n in lens], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                          past_key_values=cache, use_cache=True)
         self.forward_calls += 1
         for i, (s, n) in enumerate(zip(states, lens)):
-            kv = [(layer.keys[i:i + 1, :, width - n:], layer.values[i:i + 1, :, width - n:])
-                  for layer in cache.layers]
-            s.cache = DynamicCache(ddp_cache_data=kv)
+            for own, layer in zip(s.cache.layers, layers):  # views of the batch's buffers
+                own.keys = layer.keys[i:i + 1, :, width - n:]
+                own.values = layer.values[i:i + 1, :, width - n:]
         return [out.logits[i, -1].float() for i in range(batch)]
 
-    def _sample_next(self, state: DraftState, logits: torch.Tensor) -> None:
-        """Sparsify-then-sample the token at absolute position len(tokens); append it to the chain."""
-        position = len(state.tokens)
-        uniforms = position_uniforms(state.seed, [position], state.candidates)  # [1, m] float64
-        if self.wire_format != "tslt":  # a baseline: sample from the q̂ its wire values define
-            tokens, fq = baseline_then_sample(logits.view(1, -1).cpu(), state.sparsify,
-                                              self.wire_format, self.base.top_k or 1, uniforms)
-            state.chain_rows.append((fq.indices[0].clone(), fq.values[0].clone()))
-            state.chain_alts.append([])
-            state.tokens.append(int(tokens[0, 0]))
+    def _sample_all(self, states: list[DraftState], logits: list[torch.Tensor]) -> None:
+        """Sparsify-then-sample the token at absolute position len(tokens) of every state; append
+        it to its chain. States with the same truncation share one batched call: every step of
+        sparsify-then-sample is row-wise, so a row's q̃ and token are the ones a call for that row
+        alone gives (tests/unit/test_agent_drafter.py checks it), and the uniforms are still
+        position_uniforms(seed, [t]) per state (DESIGN.md rule 6)."""
+        if self.wire_format != "tslt":
+            for s, row in zip(states, logits):
+                self._sample_next(s, row)
             return
-        tokens, q = sparsify_then_sample(logits.view(1, -1).cpu(), state.sparsify, uniforms)
-        width = int(q.support_sizes()[0])
-        state.chain_rows.append((q.indices[0, :width].clone(), q.counts[0, :width].clone()))
-        state.chain_alts.append([int(t) for t in tokens[0, 1:]])
+        groups: dict[tuple[SparsifyConfig, int], list[int]] = {}
+        for i, s in enumerate(states):
+            groups.setdefault((s.sparsify, s.candidates), []).append(i)
+        for (cfg, m), rows in groups.items():
+            batch = [states[i] for i in rows]
+            uniforms = position_uniforms_many([s.seed for s in batch],
+                                              [len(s.tokens) for s in batch], m)  # [n, m]
+            stacked = torch.stack([logits[i].view(-1) for i in rows]).cpu()
+            tokens, q = sparsify_then_sample(stacked, cfg, uniforms)
+            widths = q.support_sizes().tolist()
+            for j, s in enumerate(batch):
+                s.chain_rows.append((q.indices[j, :widths[j]].clone(),
+                                     q.counts[j, :widths[j]].clone()))
+                s.chain_alts.append([int(t) for t in tokens[j, 1:]])
+                s.tokens.append(int(tokens[j, 0]))
+
+    def _sample_next(self, state: DraftState, logits: torch.Tensor) -> None:
+        """Sample one state's next token (see ``_sample_all``); baselines sample from the q̂ their
+        wire values define."""
+        if self.wire_format == "tslt":
+            self._sample_all([state], [logits])
+            return
+        uniforms = position_uniforms(state.seed, [len(state.tokens)], state.candidates)
+        tokens, fq = baseline_then_sample(logits.view(1, -1).cpu(), state.sparsify,
+                                          self.wire_format, self.base.top_k or 1, uniforms)
+        state.chain_rows.append((fq.indices[0].clone(), fq.values[0].clone()))
+        state.chain_alts.append([])
         state.tokens.append(int(tokens[0, 0]))
 
     # ------------------------------------------------------------------------------------------

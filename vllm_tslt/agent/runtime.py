@@ -115,8 +115,6 @@ class DraftRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None  # why the loop ended, if it failed
-        # (draft tokens, accepted) per verified round, when a benchmark asks for it (a list).
-        self.round_log: list[tuple[int, int]] | None = None
         self.counters: dict[str, int] = {
             "requests": 0, "commits": 0, "drafts_sent": 0, "draft_tokens_sent": 0,
             "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
@@ -276,8 +274,6 @@ class DraftRuntime:
             return False
         self.counters["rounds"] += 1
         self.counters["accepted_tokens"] += accepted
-        if self.round_log is not None:
-            self.round_log.append((len(sent.tokens), accepted))
         self.gamma_ctl.observe_round(len(sent.tokens), accepted, sent.num_bytes,
                                      now - sent.sent_at)
         return True

@@ -83,8 +83,6 @@ class DeviceFarm:
         self.devices = [_Device(DraftRuntime(config, drafter=self.drafter,
                                              link=EmulatedLink(link) if link else None))
                         for _ in range(num_devices)]
-        for d in self.devices:
-            d.runtime.round_log = []
         self.stats = FarmStats()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -216,18 +214,6 @@ class DeviceFarm:
         timeout_ms = max(0.0, (wake - now) * 1e3)
         if timeout_ms > 0:
             poller.poll(timeout_ms)
-
-    # ------------------------------------------------------------------------------------------
-    # Results
-    # ------------------------------------------------------------------------------------------
-
-    def rounds(self) -> list[tuple[int, int]]:
-        """(draft tokens, accepted) of every verified round, every device."""
-        return [r for d in self.devices for r in (d.runtime.round_log or [])]
-
-    def clear_rounds(self) -> None:
-        for d in self.devices:
-            d.runtime.round_log = []
 
 
 def measure_draft_ms_per_token(drafter: Drafter, context: int = 64, repeats: int = 40) -> float:

@@ -1,0 +1,446 @@
+"""The capacity benchmark: closed-loop clients on N devices, dimensionless links, side by side.
+
+Servers, one at a time, pinned to the edge CPUs: target-only vLLM; vLLM with its co-located
+``draft_model`` (probabilistic, γ = 4); the TSLT edge (``method: tslt``, fused verifier). Devices:
+a ``DeviceFarm`` (vllm_tslt.bench.farm) in this process, pinned with the clients to the device
+CPUs: every device is the agent users run, drafting at a modelled ``draft_ms_per_token``.
+
+Each cell runs N closed-loop clients (client i sends request after request, each naming device i's
+session) for a warm-up, then a measured window that lasts at least ``min_window_s`` and until the
+acceptance's 95% confidence interval is within ``ci_goal`` (at most ``max_window_s``). Links are
+set in units of the edge's plain step (``rtt_over_step``), measured at the start of the run as
+target-only's median TPOT at batch 1 with no link: RTT = rtt_over_step × step.
+
+The HTTP leg crosses the same emulated link: a request leaves RTT/2 late, every streamed chunk is
+stamped RTT/2 after it arrives, and a client sends its next request RTT/2 after its last chunk
+arrived (nothing feeds back from the client's clock into generation, so shifting stamps is exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vllm_tslt.agent.link import LinkSpec
+from vllm_tslt.bench.runner import (
+    COLOCATED,
+    EDGE_ALONE,
+    PROMPTS,
+    TARGET_ONLY,
+    TSLT_K,
+    TSLT_P,
+    System,
+)
+
+logger = logging.getLogger(__name__)
+
+DOWNLINK_MBPS = 100.0
+EDGE_GAMMA_MAX = 8
+COLOCATED_GAMMA = 4
+MOMENTS = ("verify_rounds", "round_draft_tokens", "round_accepted", "round_accepted_sq",
+           "round_accepted_x_draft", "round_draft_sq")  # the edge's per-round moments
+TSLT_SYSTEMS = ((TSLT_P, "4"), (TSLT_P, "auto"), (TSLT_K, "4"), (TSLT_K, "auto"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    devices: tuple[int, ...] = (1, 4, 16, 64)
+    capacity_rtts: tuple[float, ...] = (0.5, 2.0)  # RTT / plain step
+    capacity_uplink_mbps: float = 10.0
+    tslt: tuple[tuple[System, str], ...] = TSLT_SYSTEMS
+    sweep_rtts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 5.0)
+    sweep_uplinks: tuple[float, ...] = (1.0, 10.0, 100.0)
+    sweep_gammas: tuple[str, ...] = ("4", "auto")
+    max_tokens: int = 64
+    temperature: float = 1.0
+    warmup_s: float = 3.0
+    min_window_s: float = 8.0
+    max_window_s: float = 45.0
+    ci_goal: float = 0.02  # 95% CI half-width of every reported acceptance
+    slo_factor: float = 1.5  # capacity: p95 TPOT within this × target-only's batch-1 TPOT
+    external_check: bool = True  # one cell through `vllm bench serve` (vLLM's own client)
+
+    @staticmethod
+    def make(quick: bool) -> Plan:
+        if quick:
+            return Plan(True, devices=(1, 16), tslt=((TSLT_P, "4"), (TSLT_P, "auto")),
+                        sweep_rtts=(0.25, 1.0, 5.0), sweep_uplinks=(10.0,), sweep_gammas=("4",),
+                        warmup_s=2.0, min_window_s=6.0, max_window_s=25.0)
+        return Plan(False)
+
+
+@dataclass(frozen=True)
+class Cell:
+    experiment: str  # "calibration", "capacity" or "sweep"
+    system: System
+    gamma: str  # "4", "auto" or "-" (no drafts)
+    num_devices: int
+    rtt_over_step: float
+    uplink_mbps: float
+
+    def label(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in (("K", self.system.top_k),
+                                                 ("p", self.system.top_p)) if v is not None)
+        return (f"{self.experiment:8s} {self.system.name}{extra} | gamma {self.gamma} | "
+                f"N={self.num_devices} | RTT {self.rtt_over_step:g}x step, "
+                f"{self.uplink_mbps:g} Mbit/s up")
+
+
+def cells(plan: Plan) -> list[Cell]:
+    """Every cell after the calibration, grouped by server (the run starts each server once)."""
+    out: list[Cell] = []
+    for server_systems in ((TARGET_ONLY,), (COLOCATED,), None):
+        for r in plan.capacity_rtts:
+            for n in plan.devices:
+                if server_systems is not None:
+                    s = server_systems[0]
+                    out.append(Cell("capacity", s, str(COLOCATED_GAMMA) if s is COLOCATED else "-",
+                                    n, r, plan.capacity_uplink_mbps))
+                else:
+                    out.append(Cell("capacity", EDGE_ALONE, "-", n, r, plan.capacity_uplink_mbps))
+                    out += [Cell("capacity", s, g, n, r, plan.capacity_uplink_mbps)
+                            for s, g in plan.tslt]
+        if server_systems == (TARGET_ONLY,):  # the sweep's reference at each RTT
+            out += [Cell("sweep", TARGET_ONLY, "-", 1, r, 100.0) for r in plan.sweep_rtts
+                    if r not in plan.capacity_rtts]
+        if server_systems is None:
+            for r in plan.sweep_rtts:
+                for up in plan.sweep_uplinks:
+                    for g in plan.sweep_gammas:
+                        if r in plan.capacity_rtts and up == plan.capacity_uplink_mbps \
+                                and (TSLT_P, g) in plan.tslt:
+                            continue  # the capacity experiment's N = 1 cell is this cell
+                        out.append(Cell("sweep", TSLT_P, g, 1, r, up))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def acceptance_from_moments(m: dict[str, float]) -> tuple[float | None, float | None, int]:
+    """(acceptance, 95% CI half-width, draft tokens) from the edge's per-round moments
+    (vllm_tslt_verify_rounds, Σd, Σa, Σa², Σad, Σd² on /metrics).
+
+    Acceptance is the ratio Σa / Σd; rounds are the sampling units (the tokens of one round are
+    not independent), so the CI is the ratio estimator's: 1.96 · sqrt(n/(n−1) · Σ(a − α̂d)²) / Σd,
+    with Σ(a − α̂d)² = Σa² − 2α̂Σad + α̂²Σd²."""
+    n, d = m.get("verify_rounds", 0.0), m.get("round_draft_tokens", 0.0)
+    if n < 2 or d <= 0:
+        return None, None, int(d)
+    alpha = m["round_accepted"] / d
+    resid = m["round_accepted_sq"] - 2 * alpha * m["round_accepted_x_draft"] \
+        + alpha * alpha * m["round_draft_sq"]
+    return alpha, 1.96 * math.sqrt(max(0.0, resid) * n / (n - 1)) / d, int(d)
+
+
+def acceptance_from_positions(drafts: float, per_pos: list[float], gamma: int
+                              ) -> tuple[float | None, float | None, int]:
+    """The same from vLLM's counters for a fixed γ: ``drafts`` rounds and accepted counts per
+    position (accepted length L ≥ j + 1 in per_pos[j] rounds), so the distribution of L, and with
+    it the variance of the mean, is known exactly."""
+    if drafts < 2 or gamma < 1:
+        return None, None, int(drafts * gamma)
+    mean = sum(per_pos) / drafts
+    second = sum((2 * j + 1) * c for j, c in enumerate(per_pos)) / drafts
+    var = max(0.0, second - mean * mean)
+    return mean / gamma, 1.96 * math.sqrt(var / drafts) / gamma, int(drafts * gamma)
+
+
+def quantile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0, "steps": 0.0,
+                           "per_pos": {}, **{k: 0.0 for k in MOMENTS}}
+    names = {"vllm:spec_decode_num_drafts_total": "drafts",
+             "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
+             "vllm:spec_decode_num_accepted_tokens_total": "accepted",
+             "vllm:iteration_tokens_total_count": "steps"}
+    for key, value in metrics.items():
+        name, _, labels = key.partition("{")
+        if name in names:
+            out[names[name]] += value
+        elif name.startswith("vllm_tslt_") and name[10:].removesuffix("_total") in MOMENTS:
+            out[name[10:].removesuffix("_total")] += value
+        elif name == "vllm:spec_decode_num_accepted_tokens_per_pos_total":
+            pos = int(labels.split('position="')[1].split('"')[0])
+            out["per_pos"][pos] = out["per_pos"].get(pos, 0.0) + value
+    return out
+
+
+def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted", "steps",
+                                             *MOMENTS)}
+    out["per_pos"] = [after["per_pos"].get(j, 0.0) - before["per_pos"].get(j, 0.0)
+                      for j in sorted(after["per_pos"])]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed-loop clients
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """What the clients saw: token arrival stamps and finished requests, in client time."""
+
+    start: float = math.inf
+    stop: float = math.inf
+    stamps: list[tuple[float, int]] = field(default_factory=list)  # (arrival, tokens) per chunk
+    requests: list[dict[str, float]] = field(default_factory=list)
+    errors: int = 0
+
+
+async def _client(client: Any, model: str, i: int, session: str | None, plan: Plan,
+                  rtt_s: float, window: Window, stopping: asyncio.Event) -> None:
+    extra: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True}
+    if session:
+        extra["vllm_xargs"] = {"tslt_session": session}
+    j = 0
+    while not stopping.is_set():
+        await asyncio.sleep(rtt_s / 2)  # the request crosses the uplink
+        t0 = time.perf_counter() - rtt_s / 2
+        first = last = None
+        tokens = 0
+        try:
+            stream = await client.completions.create(
+                model=model, prompt=PROMPTS[(i + j) % len(PROMPTS)], max_tokens=plan.max_tokens,
+                temperature=plan.temperature, stream=True, extra_body=extra)
+            async for chunk in stream:
+                now = time.perf_counter() + rtt_s / 2  # and every chunk the downlink
+                ids = (chunk.choices[0].model_extra or {}).get("token_ids") if chunk.choices \
+                    else None
+                if ids:
+                    first = first or now
+                    last = now
+                    tokens += len(ids)
+                    window.stamps.append((now, len(ids)))
+        except Exception as e:  # counted in the record; the cell goes on
+            logger.error("request failed: %s", e)
+            window.errors += 1
+            await asyncio.sleep(0.2)
+            continue
+        j += 1
+        if first is not None and last is not None and tokens > 1:
+            window.requests.append({"t0": t0, "end": last, "tokens": tokens,
+                                    "ttft": first - t0, "latency": last - t0,
+                                    "tpot": (last - first) / (tokens - 1)})
+        await asyncio.sleep(max(0.0, last + rtt_s / 2 - time.perf_counter()) if last else 0.0)
+
+
+async def closed_loop(url: str, model: str, sessions: list[str | None], plan: Plan, rtt_s: float,
+                      ci_now: Callable[[], float | None], on_start: Callable[[], None]) -> Window:
+    """Run len(sessions) closed-loop clients: warm-up, then the measured window (see module doc).
+    ``on_start()`` runs when the window opens; ``ci_now()`` -> the acceptance's current 95% CI
+    half-width (None: this system has no acceptance to measure)."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    limits = httpx.Limits(max_connections=len(sessions) + 4,
+                          max_keepalive_connections=len(sessions) + 4)
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0,
+                         http_client=httpx.AsyncClient(limits=limits, timeout=600))
+    window = Window()
+    stopping = asyncio.Event()
+    tasks = [asyncio.create_task(_client(client, model, i, s, plan, rtt_s, window, stopping))
+             for i, s in enumerate(sessions)]
+    try:
+        await asyncio.sleep(plan.warmup_s)
+        window.start = time.perf_counter()
+        on_start()
+        while True:
+            await asyncio.sleep(0.5)
+            elapsed = time.perf_counter() - window.start
+            if elapsed >= plan.max_window_s:
+                break
+            if elapsed >= plan.min_window_s:
+                ci = ci_now()
+                if ci is None or ci <= plan.ci_goal:
+                    break
+        window.stop = time.perf_counter()
+        stopping.set()
+        await asyncio.wait(tasks, timeout=120)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await client.close()
+    return window
+
+
+def summarise_window(window: Window) -> dict[str, Any]:
+    dur = window.stop - window.start
+    in_window = sum(n for t, n in window.stamps if window.start <= t <= window.stop)
+    done = [r for r in window.requests if r["t0"] >= window.start and r["end"] <= window.stop]
+    if len(done) < 3:  # long requests at low throughput: use every request that ended inside
+        done = [r for r in window.requests if window.start <= r["end"] <= window.stop]
+    tpot = [1e3 * r["tpot"] for r in done]
+    return {"server_tokens_per_s": in_window / dur if dur > 0 else None,
+            "tokens_in_window": in_window, "window_s": dur, "requests": len(done),
+            "tpot_p50_ms": quantile(tpot, 0.5), "tpot_p95_ms": quantile(tpot, 0.95),
+            "ttft_p50_ms": quantile([1e3 * r["ttft"] for r in done], 0.5),
+            "tokens_per_s_per_client": statistics.mean(r["tokens"] / r["latency"] for r in done)
+            if done else None,
+            "errors": window.errors}
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+# ---------------------------------------------------------------------------------------------
+
+
+class CapacityBench:
+    def __init__(self, pair: Any, plan: Plan, hub: str, draft_ms_per_token: float) -> None:
+        self.pair, self.plan, self.hub = pair, plan, hub
+        self.draft_ms = draft_ms_per_token
+        self._drafters: dict[tuple, Any] = {}  # one per truncation setting, shared by every farm
+        self.model = str(pair.target)
+        self.step_ms: float | None = None  # target-only TPOT at batch 1, no link
+        self.records: list[dict[str, Any]] = []
+
+    def link(self, cell: Cell) -> LinkSpec:
+        rtt = cell.rtt_over_step * (self.step_ms or 0.0)
+        return LinkSpec(cell.uplink_mbps, DOWNLINK_MBPS, rtt)
+
+    def run_cell(self, cell: Cell, url: str) -> dict[str, Any]:
+        from vllm_tslt.bench.farm import DeviceFarm
+        from vllm_tslt.edge.launch import scrape_metrics
+
+        link = self.link(cell)
+        rtt_s = link.rtt_ms / 1e3
+        farm = None
+        if cell.system.wire:
+            farm = DeviceFarm(self._agent_config(cell, url), cell.num_devices, link,
+                              self.draft_ms, drafter=self.drafter_for(cell)).start()
+            if not farm.wait_sessions(30):
+                farm.stop()
+                raise RuntimeError(f"{cell.label()}: devices got no session in 30 s "
+                                   f"({farm.failure or 'handshake timed out'})")
+        sessions: list[str | None] = farm.session_ids if farm else [None] * cell.num_devices
+        before: dict[str, Any] = {}
+        farm_before: dict[str, Any] = {}
+
+        def on_start() -> None:
+            before.update(spec_counters(scrape_metrics(url)))
+            if farm is not None:
+                farm_before.update(farm.stats.snapshot())
+
+        def ci_now() -> float | None:
+            if not (farm is not None or cell.system is COLOCATED) or not before:
+                return None
+            ci = self._acceptance(cell, counters_delta(spec_counters(scrape_metrics(url)),
+                                                       before))[1]
+            return math.inf if ci is None else ci
+
+        try:
+            window = asyncio.run(closed_loop(url, self.model, sessions, self.plan, rtt_s, ci_now,
+                                             on_start))
+            after = spec_counters(scrape_metrics(url))
+            device_stats = [rt.stats() for rt in farm.runtimes] if farm else []
+            farm_stats = farm.stats.snapshot() if farm else None
+        finally:
+            if farm is not None:
+                farm.stop()
+        delta = counters_delta(after, before)
+        alpha, ci, n_tokens = self._acceptance(cell, delta)
+        summary = summarise_window(window)
+        steps = delta["steps"]
+        gamma_snaps = [s["gamma"] for s in device_stats]
+        rec = {
+            "experiment": cell.experiment, "system": cell.system.name, "wire": cell.system.wire,
+            "gamma": cell.gamma, "num_devices": cell.num_devices, "top_k": cell.system.top_k,
+            "top_p": cell.system.top_p, "rtt_over_step": cell.rtt_over_step,
+            "rtt_ms": link.rtt_ms, "uplink_mbps": link.uplink_mbps,
+            "downlink_mbps": link.downlink_mbps, "plain_step_ms": self.step_ms,
+            "device_draft_ms_per_token": self.draft_ms if farm else None,
+            **summary,
+            "acceptance": alpha, "acceptance_ci95": ci, "acceptance_draft_tokens": n_tokens,
+            "acceptance_rounds": int(delta["verify_rounds"] if farm else delta["drafts"]),
+            "server_acceptance": delta["accepted"] / delta["draft_tokens"]
+            if delta["draft_tokens"] else None,
+            "edge_steps": steps,
+            "edge_step_ms": 1e3 * summary["window_s"] / steps if steps else None,
+            "draft_tokens_per_step": delta["draft_tokens"] / steps if steps else None,
+            "edge_plain_step_ms_reported": _median_of(g.get("target_step_ms") for g in gamma_snaps),
+            "edge_verify_ms_per_token": _median_of(g.get("edge_verify_ms_per_token")
+                                                   for g in gamma_snaps),
+            "speculation_paused_steps": sum(s["steps_off"] for s in device_stats)
+            if farm else None,
+            "uplink_bytes_per_draft_token": _bytes_per_token(device_stats),
+            "farm": _farm_delta(farm_stats, farm_before) if farm_stats else None,
+        }
+        self.records.append(rec)
+        return rec
+
+    @staticmethod
+    def _acceptance(cell: Cell, delta: dict[str, Any]) -> tuple[float | None, float | None, int]:
+        if cell.system.wire:
+            return acceptance_from_moments(delta)
+        if cell.system is COLOCATED:
+            return acceptance_from_positions(delta["drafts"], delta["per_pos"], COLOCATED_GAMMA)
+        return None, None, 0
+
+    def drafter_for(self, cell: Cell) -> Any:
+        """The draft model with the cell's truncation (a Drafter holds its SparsifyConfig)."""
+        from vllm_tslt.agent.drafter import Drafter
+
+        config = self._agent_config(cell, "http://127.0.0.1:1")
+        key = (config.wire_format, config.sparsify_config())
+        if key not in self._drafters:
+            self._drafters[key] = Drafter(config.draft_model, "cpu", "float32",
+                                          config.sparsify_config(), 1,
+                                          wire_format=config.wire_format)
+        return self._drafters[key]
+
+    def _agent_config(self, cell: Cell, url: str) -> Any:
+        from vllm_tslt.agent.config import AgentConfig
+
+        return AgentConfig(
+            draft_model=str(self.pair.draft), edge=self.hub, api=url, listen="127.0.0.1:0",
+            wire_format=cell.system.wire or "tslt", top_k=cell.system.top_k,
+            top_p=cell.system.top_p, k_max=64,
+            num_draft_tokens=cell.gamma if cell.gamma == "auto" else int(cell.gamma),
+            max_draft_tokens=EDGE_GAMMA_MAX, device="cpu", dtype="float32")
+
+
+def _median_of(values: Any) -> float | None:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _bytes_per_token(stats: list[dict[str, Any]]) -> float | None:
+    tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] for s in stats)
+    sent = sum(s["client"]["bytes_sent"] for s in stats)
+    return sent / tokens if tokens else None
+
+
+def _farm_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out = dict(after)
+    for key in ("forwards", "states_extended", "overruns", "iterations"):
+        out[key] = after[key] - before.get(key, 0)
+    out["overrun_fraction"] = out["overruns"] / out["forwards"] if out["forwards"] else 0.0
+    out["mean_batch"] = out["states_extended"] / out["forwards"] if out["forwards"] else None
+    return out
+
+
+def calibration_cell() -> Cell:
+    return Cell("calibration", TARGET_ONLY, "-", 1, 0.0, 100.0)
+
+
+def with_rtt(cell: Cell, rtt_over_step: float) -> Cell:
+    return replace(cell, rtt_over_step=rtt_over_step)
