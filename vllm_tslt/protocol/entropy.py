@@ -15,6 +15,7 @@ is integer/IEEE code. A library upgrade that changed that quantization would cha
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -80,67 +81,113 @@ NUM_TABLE_PAIRS = NUM_GAP_TABLES * NUM_COUNT_TABLES  # a row's (gap table, count
 
 
 def bit_length(x: np.ndarray) -> np.ndarray:
-    """Elementwise int.bit_length of non-negative int64 (< 2**53): frexp's exponent is exact."""
-    return np.frexp(x.astype(np.float64))[1].astype(np.int64)
+    """Elementwise int.bit_length of non-negative int64 (< 2**53) -> int32: frexp's exponent is
+    exact."""
+    return np.frexp(x.astype(np.float64))[1]
 
 
-def split_mantissas(values: np.ndarray, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mantissas of bucketed values -> (symbols, Uniform sizes), fields <= MANTISSA_SPLIT bits.
+@functools.cache
+def bucket_table(ga: int, ca: int) -> np.ndarray:
+    """[NUM_GAP_TABLES + NUM_COUNT_TABLES, max(ga, ca, 2)] float64: the gap tables cut to ga
+    symbols, then the count tables cut to ca, zero-padded to one width (one categorical call codes
+    all buckets of a draft; constriction gives a zero-probability symbol its smallest mass)."""
+    out = np.zeros((NUM_GAP_TABLES + NUM_COUNT_TABLES, max(ga, ca, 2)))
+    out[:NUM_GAP_TABLES, :ga] = GAP_TABLES[ga][0]
+    out[NUM_GAP_TABLES:, :ca] = COUNT_TABLES[ca][0]
+    out.setflags(write=False)
+    return out
 
-    Every mantissa of width w >= 1 gives its low min(w, 16) bits; those with w > 16 then give
-    their high w - 16 bits after all the low parts.
+
+def bucket_probs(pairs: list[int], k: list[int], ga: int, ca: int) -> np.ndarray:
+    """One probability row per bucket symbol: row j's gap table k_j times (all rows), then its
+    count table k_j - 1 times: [Σk + Σ(k - 1), max(ga, ca, 2)] float64."""
+    tables = np.array([p // NUM_COUNT_TABLES for p in pairs]
+                      + [NUM_GAP_TABLES + p % NUM_COUNT_TABLES for p in pairs])
+    # NOTE: array.repeat and take: numpy's fast paths (np.repeat of lists, fancy indexing: ~3x slower)
+    return bucket_table(ga, ca).take(tables.repeat(np.array(k + [n - 1 for n in k])), axis=0)
+
+
+@functools.cache
+def head_sizes(kw: int, gamma: int) -> np.ndarray:
+    """Uniform sizes of the payload head: [k_j - 1 for each row (if kw)] + [table pair per row]."""
+    sizes = ([1 << kw] * gamma if kw else []) + [NUM_TABLE_PAIRS] * gamma
+    out = np.array(sizes, dtype=np.int32)
+    out.setflags(write=False)
+    return out
+
+
+_SPLIT = np.int64(1 << MANTISSA_SPLIT)
+
+
+def narrow_fields(ga: int, ca: int) -> bool:
+    """Whether buckets under alphabets (ga, ca) have bit lengths <= MANTISSA_SPLIT + 1: values
+    < 2**17, mantissas of at most 16 bits (a decoded bucket is always < its alphabet size)."""
+    return max(ga, ca) <= MANTISSA_SPLIT + 1
+
+
+def split_mantissas(values: np.ndarray, bits: np.ndarray, narrow: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mantissas of values with bit lengths ``bits`` -> (symbols, Uniform sizes) int32, fields of
+    at most MANTISSA_SPLIT bits. ``narrow``: every bit length is <= 17 (no field is split).
+
+    A value of bit length n >= 2 has the mantissa v - 2**(n-1), n - 1 bits wide. Every mantissa
+    gives its low min(n - 1, 16) bits; those wider than 16 then give their high bits after all the
+    low parts.
     """
-    width = np.maximum(buckets - 1, 0)
-    has = width > 0
-    v, w = values[has], width[has]
-    mant = v - (np.int64(1) << w)
-    lo_w = np.minimum(w, MANTISSA_SPLIT)
-    big = w > MANTISSA_SPLIT
-    syms = np.concatenate([mant & ((np.int64(1) << lo_w) - 1), mant[big] >> MANTISSA_SPLIT])
-    sizes = np.concatenate([np.int64(1) << lo_w, np.int64(1) << (w[big] - MANTISSA_SPLIT)])
-    return syms, sizes
+    has = bits > 1
+    top = np.left_shift(np.int64(1), bits[has] - 1)  # 2**(n - 1)
+    mant = values[has] - top
+    if narrow:
+        return mant.astype(np.int32), top.astype(np.int32)
+    big = top > _SPLIT
+    lo_size = np.minimum(top, _SPLIT)
+    syms = np.concatenate([mant & (lo_size - 1), mant[big] >> MANTISSA_SPLIT])
+    return syms.astype(np.int32), np.concatenate([lo_size, top[big] >> MANTISSA_SPLIT]).astype(np.int32)
 
 
-def join_mantissas(buckets: np.ndarray, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Inverse of ``split_mantissas``: buckets [N] and a reader of Uniform symbols -> values [N]."""
-    width = np.maximum(buckets - 1, 0)
-    has = width > 0
-    w = width[has]
-    lo_w = np.minimum(w, MANTISSA_SPLIT)
-    big = w > MANTISSA_SPLIT
-    lo = read(np.int64(1) << lo_w) if w.size else np.zeros(0, np.int64)
-    hi = read(np.int64(1) << (w[big] - MANTISSA_SPLIT)) if big.any() else np.zeros(0, np.int64)
-    mant = lo.copy()
-    mant[big] |= hi << MANTISSA_SPLIT
-    values = np.where(buckets > 0, 1, 0).astype(np.int64)  # buckets 0 and 1: the values 0, 1
-    values[has] = (np.int64(1) << w) + mant
+def join_mantissas(bits: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
+                   narrow: bool) -> np.ndarray:
+    """Inverse of ``split_mantissas``: bit lengths [N] int32 (<= 33) and a reader of Uniform
+    symbols (sizes int32 -> symbols int32) -> values [N] (bit length 0: the value 0; 1: the value
+    1). ``narrow``: every bit length is <= 17 (the caller knows from the alphabet sizes), so no
+    field is split and int32 holds every value; else int64."""
+    if narrow:
+        values = (1 << bits) >> 1  # 2**(n - 1); 0 for n = 0
+        has = bits > 1
+        top = values[has]
+        values[has] = top + read(top)
+        return values
+    values = (np.int64(1) << bits) >> 1
+    has = bits > 1
+    top = values[has]
+    big = top > _SPLIT
+    mant = read(np.minimum(top, _SPLIT).astype(np.int32)).astype(np.int64)
+    mant[big] |= read((top[big] >> MANTISSA_SPLIT).astype(np.int32)).astype(np.int64) << MANTISSA_SPLIT
+    values[has] = top + mant
     return values
 
 
 class Encoder:
-    """Collects sections in *decode* order; ``to_bytes`` pushes them onto an ANS stack reversed."""
+    """Collects sections in *decode* order; ``to_bytes`` pushes them onto an ANS stack reversed.
+    Symbols and Uniform sizes are int32 arrays (what constriction takes)."""
 
     def __init__(self) -> None:
         self._sections: list[tuple[np.ndarray, Any, np.ndarray]] = []
 
-    def uniform(self, symbols: np.ndarray, sizes: np.ndarray | int) -> None:
-        symbols = np.asarray(symbols, dtype=np.int64).ravel()
-        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), symbols.shape)
+    def uniform(self, symbols: np.ndarray, sizes: np.ndarray) -> None:
+        """symbols [N] int32 < sizes [N] int32 (each >= 2)."""
         if symbols.size:
             self._sections.append((symbols, UNIFORM, sizes))
 
     def categorical(self, symbols: np.ndarray, probs: np.ndarray) -> None:
-        """symbols [N], probs [N, A] float64 (one distribution per symbol)."""
+        """symbols [N] int32, probs [N, A] float64 (one distribution per symbol)."""
         if symbols.size:
-            self._sections.append((np.asarray(symbols, dtype=np.int64), CATEGORICAL, probs))
+            self._sections.append((symbols, CATEGORICAL, probs))
 
     def to_bytes(self) -> bytes:
         coder = _AnsCoder()
         for symbols, model, params in reversed(self._sections):
-            if model is UNIFORM:
-                params = params.astype(np.int32)
-            coder.encode_reverse(symbols.astype(np.int32), model, params)
-        return coder.get_compressed().astype("<u4").tobytes()
+            coder.encode_reverse(symbols, model, params)
+        return coder.get_compressed().astype("<u4", copy=False).tobytes()
 
 
 class Decoder:
@@ -149,21 +196,34 @@ class Decoder:
     def __init__(self, data: bytes) -> None:
         if len(data) % 4:
             raise ProtocolError(Reason.BAD_BITSTREAM, f"{len(data)} bytes is not whole 32-bit words")
-        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
-        self._coder = _guarded(lambda: _AnsCoder(words))
+        try:
+            self._coder = _AnsCoder(np.frombuffer(data, dtype="<u4").astype(np.uint32, copy=False))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # NOTE: a Rust panic is pyo3's PanicException (BaseException)
+            raise _bitstream_error(e) from e
 
-    def uniform(self, sizes: np.ndarray | int, count: int | None = None) -> np.ndarray:
-        sizes = np.asarray(sizes, dtype=np.int32)
-        if sizes.ndim == 0:
-            sizes = np.full(count, int(sizes), dtype=np.int32)
+    def uniform(self, sizes: np.ndarray) -> np.ndarray:
+        """sizes [N] int32 (each >= 2) -> symbols [N] int32."""
         if sizes.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        return _guarded(lambda: self._coder.decode(UNIFORM, sizes)).astype(np.int64)
+            return np.zeros(0, dtype=np.int32)
+        try:
+            return self._coder.decode(UNIFORM, sizes)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise _bitstream_error(e) from e
 
     def categorical(self, probs: np.ndarray) -> np.ndarray:
+        """probs [N, A] float64 -> symbols [N] int32 (< A)."""
         if probs.shape[0] == 0:
-            return np.zeros(0, dtype=np.int64)
-        return _guarded(lambda: self._coder.decode(CATEGORICAL, probs)).astype(np.int64)
+            return np.zeros(0, dtype=np.int32)
+        try:
+            return self._coder.decode(CATEGORICAL, probs)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise _bitstream_error(e) from e
 
     def finish(self) -> None:
         """Nothing may follow the last section (every valid payload is exactly what it encodes)."""
@@ -171,10 +231,5 @@ class Decoder:
             raise ProtocolError(Reason.BAD_BITSTREAM, "data left over after the payload")
 
 
-def _guarded(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # NOTE: a Rust panic surfaces as pyo3's PanicException (BaseException)
-        raise ProtocolError(Reason.BAD_BITSTREAM, f"entropy decoder: {type(e).__name__}: {e}") from e
+def _bitstream_error(e: BaseException) -> ProtocolError:
+    return ProtocolError(Reason.BAD_BITSTREAM, f"entropy decoder: {type(e).__name__}: {e}")

@@ -37,14 +37,46 @@ from vllm_tslt.protocol.entropy import (
     GAP_BUCKETS,
     GAP_TABLES,
     NUM_COUNT_TABLES,
-    NUM_TABLE_PAIRS,
     Decoder,
     Encoder,
     bit_length,
+    bucket_probs,
+    head_sizes,
     join_mantissas,
+    narrow_fields,
     split_mantissas,
 )
 from vllm_tslt.protocol.errors import ProtocolError, Reason, get_bin, get_int
+
+# NOTE on speed (issue 16: decode <= 50 µs, encode <= 100 µs per γ = 4 draft): a draft has a few
+# dozen entries, so every numpy call costs more than its arithmetic. Per-row values (k, table
+# choices) are Python lists, entry values are flat numpy arrays in row-major order, and the padded
+# [γ, max k] layout is built with one boolean mask; the coder is called once per section.
+
+_COLS = np.arange(1 << MAX_QUANT_BITS)  # column numbers, sliced to a draft's width
+_MAX_INDEX = (1 << 32) - 1
+
+
+def _check_sparse_q(q: SparseQ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> (indices [γ, k] int64, counts [γ, k], valid [γ, k] bool, gaps [γ, k] int64: index -
+    previous index - 1, the first index at column 0; checked at valid entries only); ValueError
+    if inconsistent."""
+    idx = q.indices.numpy().astype(np.int64)  # [γ, k]
+    cnt = q.counts.numpy()
+    if idx.ndim != 2 or cnt.shape != idx.shape or idx.shape[1] == 0 or \
+            not 1 <= q.quant_bits <= MAX_QUANT_BITS:
+        raise ValueError("SparseQ must have matching [γ, k] indices/counts and quant_bits in 1..16")
+    valid = idx != PAD_ID
+    if not valid[:, 0].all() or (valid[:, 1:] > valid[:, :-1]).any():
+        raise ValueError("SparseQ rows need >= 1 index and padding only at the end")
+    gaps = np.empty_like(idx)
+    gaps[:, 0] = idx[:, 0]
+    np.subtract(idx[:, 1:], idx[:, :-1] + 1, out=gaps[:, 1:])
+    if gaps.min(where=valid, initial=0) < 0 or idx.max() > _MAX_INDEX:
+        raise ValueError("SparseQ indices must be strictly ascending and in [0, 2**32)")  # gaps >= 0
+    if cnt.min() < 0 or ((cnt > 0) != valid).any() or (cnt.sum(axis=1) != q.total).any():
+        raise ValueError("SparseQ counts must be >= 1, 0 at padding, and sum to 2**quant_bits")
+    return idx, cnt, valid, gaps
 
 
 def _columns_of(indices: np.ndarray, tokens: np.ndarray, what: str) -> np.ndarray:
@@ -55,35 +87,10 @@ def _columns_of(indices: np.ndarray, tokens: np.ndarray, what: str) -> np.ndarra
     return hit.argmax(axis=2)
 
 
-def _check_sparse_q(q: SparseQ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """-> (indices [γ, k], counts [γ, k], valid [γ, k], k [γ]); ValueError if inconsistent."""
-    idx = q.indices.numpy().astype(np.int64)  # [γ, k]
-    cnt = q.counts.numpy().astype(np.int64)
-    if idx.ndim != 2 or cnt.shape != idx.shape or not 1 <= q.quant_bits <= MAX_QUANT_BITS:
-        raise ValueError("SparseQ must have matching [γ, k] indices/counts and quant_bits in 1..16")
-    valid = idx != PAD_ID
-    k = valid.sum(axis=1)
-    if (k < 1).any() or (valid != (np.arange(idx.shape[1]) < k[:, None])).any():
-        raise ValueError("SparseQ rows need >= 1 index and padding only at the end")
-    if (np.diff(idx, axis=1)[valid[:, 1:]] <= 0).any() or (idx[valid] < 0).any() or \
-            (idx[valid] > 0xFFFFFFFF).any():
-        raise ValueError("SparseQ indices must be strictly ascending and in [0, 2**32)")
-    if (np.where(valid, cnt < 1, cnt != 0)).any() or (cnt.sum(axis=1) != q.total).any():
-        raise ValueError("SparseQ counts must be >= 1, 0 at padding, and sum to 2**quant_bits")
-    return idx, cnt, valid, k
-
-
-def _column_probs(counts: np.ndarray, multi: np.ndarray, m: int, total: int) -> np.ndarray:
+def _column_probs(counts: np.ndarray, multi: list[int] | slice, m: int, total: int) -> np.ndarray:
     """q̃ rows of the multi-entry rows, one per coded column: [γ' * m, width] float64."""
-    return np.repeat(counts[multi] / float(total), m, axis=0)
-
-
-def _bucket_probs(gap_rows: np.ndarray, ga: int, cnt_rows: np.ndarray, ca: int) -> np.ndarray:
-    """One probability row per bucket symbol, gaps then counts: [N + N', max(ga, ca, 2)]."""
-    probs = np.zeros((gap_rows.size + cnt_rows.size, max(ga, ca, 2)))
-    probs[: gap_rows.size, :ga] = GAP_TABLES[ga][0][gap_rows]
-    probs[gap_rows.size :, :ca] = COUNT_TABLES[ca][0][cnt_rows]
-    return probs
+    probs = counts[multi] / float(total)
+    return probs if m == 1 else np.repeat(probs, m, axis=0)
 
 
 def encode_sparse_rows(
@@ -93,16 +100,19 @@ def encode_sparse_rows(
 
     header = [γ, m, quant_bits, kw, ga, ca]; raises ValueError on an inconsistent draft.
     """
-    idx, cnt, valid, k = _check_sparse_q(q)
+    idx, cnt, valid, gaps = _check_sparse_q(q)
     gamma = idx.shape[0]
-    spine = tokens.numpy().astype(np.int64).reshape(gamma, 1)
-    alts = np.zeros((gamma, 0), np.int64) if alternatives is None else alternatives.numpy().astype(np.int64)
-    if alts.ndim != 2 or alts.shape[0] != gamma:
-        raise ValueError(f"alternatives must be [{gamma}, m - 1], got {alts.shape}")
-    cols = _columns_of(idx, np.concatenate([spine, alts], axis=1), "draft token or alternative")
-    prev = np.concatenate([np.full((gamma, 1), -1), idx[:, :-1]], axis=1)
-    not_last = np.arange(idx.shape[1]) < (k - 1)[:, None]  # [γ, k]
-    return pack_rows(k, (idx - prev - 1)[valid], cnt[not_last], cols, q.quant_bits, cnt)
+    cands = tokens.numpy().reshape(gamma, 1)
+    if alternatives is not None:
+        alts = alternatives.numpy()
+        if alts.ndim != 2 or alts.shape[0] != gamma:
+            raise ValueError(f"alternatives must be [{gamma}, m - 1], got {alts.shape}")
+        cands = np.concatenate([cands, alts], axis=1)
+    cols = _columns_of(idx, cands, "draft token or alternative")
+    not_last = np.zeros_like(valid)
+    not_last[:, :-1] = valid[:, 1:]
+    values = np.concatenate([gaps[valid], cnt[not_last]], dtype=np.int64)
+    return _pack(valid.sum(axis=1).tolist(), values, cols, q.quant_bits, cnt)
 
 
 def pack_rows(k: np.ndarray, gaps: np.ndarray, counts_rest: np.ndarray, cols: np.ndarray,
@@ -114,48 +124,65 @@ def pack_rows(k: np.ndarray, gaps: np.ndarray, counts_rest: np.ndarray, cols: np
     cols [γ, m]; counts [γ, max k] (padded rows, for the column model; rebuilt if None);
     pairs [γ] (table choices; the cheapest if None). Returns (payload, header).
     """
-    gaps, counts_rest = np.asarray(gaps, np.int64), np.asarray(counts_rest, np.int64)
-    gamma, m = cols.shape
-    rows = np.repeat(np.arange(gamma), k)  # [N] row of each entry
-    width = int(k.max())
-    not_last = np.arange(width) < (k - 1)[:, None]  # [γ, width]
-    rows_nl = rows[not_last[np.arange(width) < k[:, None]]]
-    gap_b = bit_length(gaps)
-    cnt_s = bit_length(counts_rest) - 1  # count bucket symbols
-    ga = int(gap_b.max()) + 1
-    ca = int(cnt_s.max()) + 1 if cnt_s.size else 1
-    if pairs is None:
-        gap_t = _best_tables(gap_b, rows, gamma, GAP_TABLES[ga][1])
-        cnt_t = _best_tables(cnt_s, rows_nl, gamma, COUNT_TABLES[ca][1])
-        pairs = gap_t * NUM_COUNT_TABLES + cnt_t
-    kw = int(bit_length(k.max() - 1))
-    multi = k >= 2
+    k_list = [int(n) for n in k]
     if counts is None:
-        counts = np.zeros((gamma, width), dtype=np.int64)
-        counts[not_last] = counts_rest
-        counts[np.arange(gamma), k - 1] = (1 << quant_bits) - counts.sum(axis=1)
+        counts = _padded_counts(k_list, counts_rest, quant_bits)
+    values = np.concatenate([gaps, counts_rest]).astype(np.int64)
+    return _pack(k_list, values, cols, quant_bits, counts, None if pairs is None else list(pairs))
+
+
+def _pack(k: list[int], values: np.ndarray, cols: np.ndarray, quant_bits: int, counts: np.ndarray,
+          pairs: list[int] | None = None) -> tuple[bytes, list[int]]:
+    """k [γ]; values [Σk + Σk - γ] int64: the gaps, then all counts but each row's last; cols
+    [γ, m]; counts [γ, max k]; pairs [γ] or None (the cheapest)."""
+    gamma, m = cols.shape
+    n_entries = sum(k)
+    bits = bit_length(values)  # gap buckets, then count buckets + 1
+    symbols = bits.copy()
+    symbols[n_entries:] -= 1  # count bucket: bit_length(count) - 1
+    ga = int(bits[:n_entries].max()) + 1
+    ca = int(symbols[n_entries:].max()) + 1 if n_entries > gamma else 1
+    pairs = _best_pairs(symbols, k, ga, ca) if pairs is None else [int(p) for p in pairs]
+    kw = (max(k) - 1).bit_length()
 
     enc = Encoder()
-    if kw:
-        enc.uniform(np.concatenate([k - 1, pairs]), np.repeat([1 << kw, NUM_TABLE_PAIRS], gamma))
-    else:
-        enc.uniform(pairs, NUM_TABLE_PAIRS)
-    enc.categorical(np.concatenate([gap_b, cnt_s]),
-                    _bucket_probs(pairs[rows] // NUM_COUNT_TABLES, ga,
-                                  pairs[rows_nl] % NUM_COUNT_TABLES, ca))
-    syms, sizes = split_mantissas(np.concatenate([gaps, counts_rest]),
-                                  np.concatenate([gap_b, cnt_s + 1]))
-    enc.uniform(syms, sizes)
-    enc.categorical(cols[multi].ravel(), _column_probs(np.maximum(counts, 0), multi, m,
-                                                       1 << quant_bits))
+    enc.uniform(np.array(([n - 1 for n in k] if kw else []) + pairs, dtype=np.int32),
+                head_sizes(kw, gamma))
+    enc.categorical(symbols, bucket_probs(pairs, k, ga, ca))
+    enc.uniform(*split_mantissas(values, bits, narrow_fields(ga, ca)))
+    multi = [j for j, n in enumerate(k) if n >= 2]
+    if len(multi) == gamma:
+        enc.categorical(cols.astype(np.int32).ravel(), _column_probs(counts, slice(None), m,
+                                                                     1 << quant_bits))
+    elif multi:
+        enc.categorical(cols[multi].astype(np.int32).ravel(), _column_probs(counts, multi, m,
+                                                                            1 << quant_bits))
     return enc.to_bytes(), [gamma, m, quant_bits, kw, ga, ca]
 
 
-def _best_tables(buckets: np.ndarray, rows: np.ndarray, num_rows: int, bits: np.ndarray) -> np.ndarray:
-    """Per row, the table with the fewest bucket bits: buckets [N] of rows [N] -> [num_rows]."""
-    hist = np.zeros((num_rows, bits.shape[1]))
-    np.add.at(hist, (rows, buckets), 1.0)
-    return (hist @ bits.T).argmin(axis=1)
+def _best_pairs(symbols: np.ndarray, k: list[int], ga: int, ca: int) -> list[int]:
+    """Per row, the (gap table, count table) with the fewest bucket bits, as t * NC + u.
+
+    symbols [N + N - γ]: the gap buckets (row-major), then the count buckets of all but each
+    row's last entry. One histogram [γ, ga + ca] of both, then bits per table by a matmul.
+    """
+    gamma, width = len(k), ga + ca
+    bins = np.array([j * width for j in range(gamma)] + [j * width + ga for j in range(gamma)])
+    hist = np.bincount(bins.repeat(np.array(k + [n - 1 for n in k])) + symbols,
+                       minlength=gamma * width).reshape(gamma, width).astype(np.float64)
+    gap_t = (hist[:, :ga] @ GAP_TABLES[ga][1].T).argmin(axis=1)
+    cnt_t = (hist[:, ga:] @ COUNT_TABLES[ca][1].T).argmin(axis=1)
+    return (gap_t * NUM_COUNT_TABLES + cnt_t).tolist()
+
+
+def _padded_counts(k: list[int], counts_rest: np.ndarray, quant_bits: int) -> np.ndarray:
+    """[γ, max k] int64 counts from all but each row's last count (the last: 2**b - the rest, or
+    0 if that is negative)."""
+    k_arr = np.array(k)
+    counts = np.zeros((len(k), max(k)), dtype=np.int64)
+    counts[_COLS[: max(k)] < k_arr[:, None] - 1] = counts_rest
+    counts[np.arange(len(k)), k_arr - 1] = (1 << quant_bits) - counts.sum(axis=1)
+    return np.maximum(counts, 0)  # a hostile test payload's counts may sum past 2**b
 
 
 def decode_sparse_rows(
@@ -163,58 +190,78 @@ def decode_sparse_rows(
 ) -> tuple[SparseQ, torch.Tensor, torch.Tensor | None]:
     """Inverse of ``encode_sparse_rows`` from frame fields [γ, m, b, kw, ga, ca, payload], fully
     validated."""
-    gamma = get_int(fields[0], "gamma", 1, limits.max_gamma)
-    m = get_int(fields[1], "num_candidates", 1, limits.max_candidates)
-    b = get_int(fields[2], "quant_bits", 1, MAX_QUANT_BITS)
-    kw = get_int(fields[3], "kw", 0, MAX_QUANT_BITS)
-    ga = get_int(fields[4], "gap_alphabet", 1, GAP_BUCKETS)
-    ca = get_int(fields[5], "count_alphabet", 1, COUNT_BUCKETS)
+    gamma, m, b, kw, ga, ca = _header(fields, limits)
     dec = Decoder(get_bin(fields[6], "payload"))
 
-    if kw:
-        head = dec.uniform(np.repeat(np.array([1 << kw, NUM_TABLE_PAIRS], np.int32), gamma))
-        k, pairs = head[:gamma] + 1, head[gamma:]  # [γ], [γ]
-    else:
-        k, pairs = np.ones(gamma, dtype=np.int64), dec.uniform(NUM_TABLE_PAIRS, gamma)
-    if k.max() > min(limits.max_k, limits.vocab_size, 1 << b):
-        raise ProtocolError(Reason.TOO_LARGE, f"support size {int(k.max())} > max_k, vocab_size "
+    head = dec.uniform(head_sizes(kw, gamma)).tolist()
+    k, pairs = ([n + 1 for n in head[:gamma]], head[gamma:]) if kw else ([1] * gamma, head)
+    width = max(k)
+    if width > min(limits.max_k, limits.vocab_size, 1 << b):
+        raise ProtocolError(Reason.TOO_LARGE, f"support size {width} > max_k, vocab_size "
                             "or 2**quant_bits")
-    n_entries = int(k.sum())
-    rows = np.repeat(np.arange(gamma), k)  # [N]
-    starts = np.cumsum(k) - k
-    col = np.arange(n_entries) - starts[rows]
-    not_last = col < k[rows] - 1
-    rows_nl = rows[not_last]
-    buckets = dec.categorical(_bucket_probs(pairs[rows] // NUM_COUNT_TABLES, ga,
-                                            pairs[rows_nl] % NUM_COUNT_TABLES, ca))
-    buckets[n_entries:] += 1  # count buckets: bit_length(count) >= 1
-    values = join_mantissas(buckets, dec.uniform)
-    gaps, counts_rest = values[:n_entries], values[n_entries:]
+    bits = dec.categorical(bucket_probs(pairs, k, ga, ca))  # [N + N - γ] int32
+    bits[sum(k):] += 1  # count buckets: bit_length(count) - 1
+    values = join_mantissas(bits, dec.uniform, narrow_fields(ga, ca))  # gaps, then counts but the last
+    return _rows_from_values(values, k, m, b, limits.vocab_size, dec)
 
-    csum = np.cumsum(gaps + 1)  # index = csum - csum at the row's start + the row's first gap
-    indices_e = csum - (csum[starts] - gaps[starts])[rows]
-    if indices_e.max() >= limits.vocab_size:
-        raise ProtocolError(Reason.BAD_INDICES, f"index {int(indices_e.max())} >= vocab_size")
-    counts_e = np.empty(n_entries, dtype=np.int64)
-    counts_e[not_last] = counts_rest
-    last = (1 << b) - np.bincount(rows_nl, weights=counts_rest, minlength=gamma).astype(np.int64)
+
+def _rows_from_values(values: np.ndarray, k: list[int], m: int, b: int, vocab_size: int,
+                      dec: Decoder) -> tuple[SparseQ, torch.Tensor, torch.Tensor | None]:
+    """Gaps and counts (flat, row-major) -> padded SparseQ rows; then the token columns."""
+    gamma, width = len(k), max(k)
+    cols = _COLS[:width]
+    # Rows 0..γ-1: the gaps of row j in columns < k_j; rows γ..2γ-1: its counts but the last.
+    sizes = np.array(k + [n - 1 for n in k])[:, None]  # [2γ, 1]
+    filled = cols < sizes  # [2γ, width]
+    grid = np.zeros((2 * gamma, width), dtype=np.int64)
+    grid[filled] = values
+    sums = grid.cumsum(axis=1)
+    # index = Σ gaps so far + column (each step is gap + 1)
+    indices = np.where(filled[:gamma], sums[:gamma] + cols, PAD_ID)  # [γ, width] int64
+    if indices.max() >= vocab_size:
+        raise ProtocolError(Reason.BAD_INDICES, f"index {int(indices.max())} >= vocab_size")
+    last = (1 << b) - sums[gamma:, -1]  # [γ] each row's last count: 2**b - the others
     if last.min() < 1:
         raise ProtocolError(Reason.BAD_COUNTS, "counts exceeding 2**quant_bits")
-    counts_e[~not_last] = last
+    counts = grid[gamma:]
+    counts[filled[:gamma] > filled[gamma:]] = last  # at column k_j - 1
 
-    width = int(k.max())
-    indices = np.full((gamma, width), PAD_ID, dtype=np.int32)
-    counts = np.zeros((gamma, width), dtype=np.int32)
-    indices[rows, col] = indices_e
-    counts[rows, col] = counts_e
-    multi = k >= 2
-    token_cols = np.zeros((gamma, m), dtype=np.int64)
-    if multi.any():
-        token_cols[multi] = dec.categorical(_column_probs(counts, multi, m, 1 << b)).reshape(-1, m)
-        if (token_cols >= k[:, None]).any():
-            raise ProtocolError(Reason.NOT_IN_SUPPORT, "a draft token's column is outside its support")
+    # NOTE: a decoded column is < width (the coder's alphabet), so it stays in its row; a column
+    # at or past k_j lands on padding (PAD_ID)
+    cands = indices.take(_token_positions(dec, counts, k, m, b))  # [γ, m] int64
+    if cands.min() < 0:
+        raise ProtocolError(Reason.NOT_IN_SUPPORT, "a draft token's column is outside its support")
     dec.finish()
-    cands = indices[np.arange(gamma)[:, None], token_cols].astype(np.int64)  # [γ, m]
-    q = SparseQ(torch.from_numpy(indices), torch.from_numpy(counts), b)
+    q = SparseQ(torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(counts.astype(np.int32)), b)
     alts = torch.from_numpy(cands[:, 1:]) if m > 1 else None
     return q, torch.from_numpy(cands[:, 0]), alts
+
+
+def _token_positions(dec: Decoder, counts: np.ndarray, k: list[int], m: int, b: int) -> np.ndarray:
+    """Decode the token columns (rows with k >= 2; column 0 for k = 1) -> [γ, m] positions
+    j * width + column. counts [γ, width]."""
+    gamma, width = counts.shape
+    row_start = _COLS[: gamma * width : width, None]  # [γ, 1]
+    if width == 1:  # every row has k = 1: no columns coded
+        return row_start.repeat(m, axis=1)
+    multi = [j for j, n in enumerate(k) if n >= 2]
+    if len(multi) == gamma:
+        got = dec.categorical(_column_probs(counts, slice(None), m, 1 << b)).reshape(gamma, m)
+    else:
+        got = np.zeros((gamma, m), dtype=np.int32)
+        got[multi] = dec.categorical(_column_probs(counts, multi, m, 1 << b)).reshape(-1, m)
+    return got + row_start
+
+
+def _header(fields: list[Any], limits: Any) -> tuple[int, int, int, int, int, int]:
+    """[γ, m, b, kw, ga, ca] checked against their ranges."""
+    gamma, m, b, kw, ga, ca = fields[:6]
+    if type(gamma) is int and type(m) is int and type(b) is int and type(kw) is int and \
+            type(ga) is int and type(ca) is int and 1 <= gamma <= limits.max_gamma and \
+            1 <= m <= limits.max_candidates and 1 <= b <= MAX_QUANT_BITS and \
+            0 <= kw <= MAX_QUANT_BITS and 1 <= ga <= GAP_BUCKETS and 1 <= ca <= COUNT_BUCKETS:
+        return gamma, m, b, kw, ga, ca  # NOTE: the fast path; the checks below say what is wrong
+    return (get_int(gamma, "gamma", 1, limits.max_gamma),
+            get_int(m, "num_candidates", 1, limits.max_candidates),
+            get_int(b, "quant_bits", 1, MAX_QUANT_BITS), get_int(kw, "kw", 0, MAX_QUANT_BITS),
+            get_int(ga, "gap_alphabet", 1, GAP_BUCKETS), get_int(ca, "count_alphabet", 1, COUNT_BUCKETS))
