@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_KEEP = 0.5  # a probe round's observation discounts older evidence by this much more
 MIN_INTERVALS = 4  # commit intervals while speculating before the measured speedup is trusted
+BRANCH_UPLINK_SHARE = 0.5  # at most this share of a round's uplink capacity goes to branches
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -160,6 +161,33 @@ class GammaController:
         self.hit_rate.add(1.0 if hit else 0.0)
 
     # -- model -------------------------------------------------------------------------------
+
+    def branch_budget(self, gamma: int, cap: int) -> int:
+        """Send-ahead branches per round (``branch_budget: auto``): as many γ-token drafts as fit
+        in BRANCH_UPLINK_SHARE of what the uplink carries during one round, at most ``cap``.
+
+        A round lasts round_time(γ); the link carries rate · round_time bytes in it, a branch
+        costs about bytes(γ). While the rate is unknown (no rounds yet, or round times that do
+        not grow with payload: a link fast against the round) the cap applies.
+        """
+        rate = self.link.rate_bytes_per_s
+        per_branch = (self.bytes_fixed.value or 0.0) + gamma * (self.bytes_per_token.value or 0.0)
+        if gamma < 1 or cap < 1:
+            return 0
+        if rate is None or per_branch <= 0:
+            return cap
+        fit = int(BRANCH_UPLINK_SHARE * rate * self.round_time(gamma) / per_branch)
+        return max(0, min(cap, fit))
+
+    def branch_gamma(self, gamma: int) -> int:
+        """Draft length of a send-ahead branch: the chain extensions the device makes while the
+        edge verifies the γ-token draft in flight (t_step + γ · c_v), at least 1, at most γ. A
+        branch is worth most when it reaches the edge before the commit does; the extensions it
+        is measured in are the device's real ones (batched with every branch). Unknown times: γ."""
+        t_extend, t_step = self.draft_s_per_token.value, self.target_step_s.value
+        if not t_extend or t_step is None:
+            return gamma
+        return max(1, min(gamma, int((t_step + gamma * self.verify_s_per_token) / t_extend)))
 
     @property
     def alpha(self) -> float:

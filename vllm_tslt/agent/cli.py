@@ -70,6 +70,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="draft length γ per round, or 'auto' to adapt it to the measured "
                         "acceptance, draft time and link (and pause speculation when it cannot "
                         "pay); default auto")
+    p.add_argument("--branch-budget", type=_gamma, metavar="N|auto",
+                   help="send-ahead branches per round for other likely verification outcomes "
+                        "(0..8), or 'auto' to fit them in half the uplink's capacity; default "
+                        "auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
                    help="torch device of the draft model; default auto")
     p.add_argument("--no-proactive", dest="proactive", action="store_const", const=False,
@@ -85,7 +89,7 @@ def build_config(args: argparse.Namespace):
                  "quant_bits": args.quant_bits, "candidates": args.candidates,
                  "wire_format": args.wire_format,
                  "num_draft_tokens": args.num_draft_tokens, "device": args.device,
-                 "proactive": args.proactive}
+                 "proactive": args.proactive, "branch_budget": args.branch_budget}
     if args.config is not None:
         return AgentConfig.from_yaml(args.config, **overrides)
     return AgentConfig(**{k: v for k, v in overrides.items() if v is not None})

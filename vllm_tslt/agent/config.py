@@ -57,6 +57,10 @@ class AgentConfig:
     max_draft_tokens: int = 8  # upper bound for "auto" (the edge's max_gamma caps it too)
     proactive: bool = True  # keep drafting the expected continuation while the edge verifies
     send_ahead: bool = True  # send that continuation at once, tagged with the expected sequence
+    # Send-ahead branches per round for other likely outcomes (rejected at j + a guessed
+    # correction, all accepted + another bonus guess): an int in 0..8, or "auto" (as many as fit
+    # in half the uplink's capacity per round, at most 8). Needs send_ahead.
+    branch_budget: int | str = "auto"
     device: str = "auto"
     dtype: str = "auto"
     # Transport.
@@ -83,6 +87,7 @@ class AgentConfig:
         self._check_endpoints()
         self._check_sampling()
         self._check_draft_length()
+        self._check_branch_budget()
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -147,6 +152,16 @@ class AgentConfig:
                              f"{self.wire_format!r} (the baseline formats carry no alternatives)")
         if self.wire_format == "tkslt" and self.top_k is None:
             raise ValueError("top_k (--top-k) is required with wire_format 'tkslt' (its K)")
+
+    def _check_branch_budget(self) -> None:
+        from vllm_tslt.agent.branches import MAX_BRANCH_BUDGET
+
+        b = self.branch_budget
+        if isinstance(b, str) and b.isdigit():
+            b = self.branch_budget = int(b)
+        if b != "auto" and (not _is_int(b) or not 0 <= b <= MAX_BRANCH_BUDGET):
+            raise ValueError(f"branch_budget (--branch-budget) must be 'auto' or an int in "
+                             f"0..{MAX_BRANCH_BUDGET}, got {b!r}")
 
     def _check_draft_length(self) -> None:
         if not _is_int(self.max_draft_tokens) or not 1 <= self.max_draft_tokens <= 64:

@@ -237,6 +237,31 @@ class Drafter:
         state.chain_alts.clear()
         return -1
 
+    def fork(self, state: DraftState, keep: int, token: int) -> DraftState:
+        """A branch of ``state``: its tokens[:keep] + [token], *committed* at that length (the
+        prefix the branch assumes), with an empty chain. Branches draft for verification outcomes
+        the device does not know yet (runtime: send-ahead branches).
+
+        NOTE: the branch's cache is a cropped *copy* of the first ``keep`` positions of
+        ``state``'s KV (``DynamicCache(ddp_cache_data=...)`` concatenates into new tensors), so
+        the two never share a tensor that a later step could write into (``_forward_batched``
+        rebinds layers to views of its batch buffer). Memory: one prefix KV per branch, and the
+        runtime keeps at most ``MAX_BRANCH_BUDGET`` branches per request, dropped at each commit.
+        """
+        from transformers import DynamicCache
+
+        if not self.batchable:
+            raise ValueError("fork needs plain DynamicLayer caches (this draft model has others)")
+        if not 0 < keep <= len(state.tokens):
+            raise ValueError(f"fork at {keep} of {len(state.tokens)} tokens")
+        kv_len = min(keep, state.cache_len)
+        kv = [(layer.keys[:, :, :kv_len], layer.values[:, :, :kv_len])
+              for layer in state.cache.layers if layer.is_initialized]
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=self.model.config)
+        tokens = [*state.tokens[:keep], int(token)]
+        return DraftState(state.request_id, state.sparsify, state.seed, state.candidates, tokens,
+                          len(tokens), cache, PrefixHasher(tokens), handle=state.handle)
+
     def draft_message(self, state: DraftState, gamma: int, offset: int = 0) -> Draft:
         """A Draft of chain[offset:offset + gamma], conditioned on tokens[:committed_len + offset].
 
@@ -266,13 +291,14 @@ class Drafter:
     def extend(self, states: list[DraftState]) -> None:
         """Draft one more chain token for each state; single-token feeds share one forward."""
         singles = [s for s in states if len(s.tokens) - s.cache_len == 1] if self.batchable else []
-        logits: dict[str, torch.Tensor] = {}
+        # Keyed by the state object: a request's branches (fork) share its request id.
+        logits: dict[int, torch.Tensor] = {}
         for s in states:
             if len(s.tokens) - s.cache_len != 1 or len(singles) == 1:
-                logits[s.request_id] = self._forward_one(s)  # prefill / catch-up
+                logits[id(s)] = self._forward_one(s)  # prefill / catch-up
         if len(singles) > 1:
-            logits.update(zip((s.request_id for s in singles), self._forward_batched(singles)))
-        self._sample_all(states, [logits[s.request_id] for s in states])
+            logits.update(zip((id(s) for s in singles), self._forward_batched(singles)))
+        self._sample_all(states, [logits[id(s)] for s in states])
 
     def _forward_one(self, state: DraftState) -> torch.Tensor:
         """Feed tokens[cache_len:] through the cache -> [vocab_size] float32 logits of the last."""

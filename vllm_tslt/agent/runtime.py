@@ -11,8 +11,15 @@ drafting work, batched across requests:
    sampled from q̃ like every other chain token), up to 2γ + 1 tokens. If the edge's commit equals
    the chain's head, the chain's tail is already the next draft and leaves immediately (a *hit*).
    With ``send_ahead`` it leaves even earlier: as soon as it is drafted, tagged with the expected
-   sequence (the hub keeps drafts per committed length), so on a hit the edge has it before the
+   sequence (the hub keeps drafts per assumed prefix), so on a hit the edge has it before the
    commit reaches the device and the round trip is saved too. A miss costs its uplink bytes only.
+3. *branches* (``send_ahead`` and ``branch_budget`` > 0): once the chain holds the bonus guess, the
+   request forks up to ``branch_budget`` branch states for other likely outcomes — rejected at j
+   with a guessed correction, all accepted with another bonus guess (vllm_tslt/agent/branches.py
+   says which, and why the choice is causal) — and each drafts γ tokens and sends them tagged with
+   its prefix. Branch states extend in the same batched forward as the proactive chains
+   (``next_batch``); a commit that equals a branch's prefix adopts the branch as the request's
+   state, and the edge already holds its draft (a *branch hit*).
 
 Between units the loop polls the socket without waiting, so a commit interrupts proactive work
 after at most one forward pass. γ comes from ``GammaController`` when ``num_draft_tokens`` is
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
+from vllm_tslt.agent.branches import MAX_BRANCH_BUDGET, plan_branches
 from vllm_tslt.agent.client import EdgeClient, HandshakeRefused
 from vllm_tslt.agent.config import AgentConfig
 from vllm_tslt.agent.drafter import CommitMismatch, Drafter, DraftState
@@ -63,6 +71,15 @@ class SentDraft:
 
 
 @dataclass
+class Branch:
+    """A forked state drafting for one outcome of the verification in flight."""
+
+    state: DraftState  # committed_len = the length of the prefix it assumes
+    gamma: int
+    sent: SentDraft | None = None
+
+
+@dataclass
 class Track:
     """Runtime bookkeeping of one request around its DraftState."""
 
@@ -75,6 +92,9 @@ class Track:
     last_commit_at: float | None = None
     keys_at_edge: set[int] = field(default_factory=set)  # committed lengths of drafts sent
     paused: bool = False  # the edge was told not to wait for drafts (speculation off)
+    branches: list[Branch] = field(default_factory=list)  # for the draft in flight (`sent`)
+    planned_levels: int = 0  # outcome levels planned for the draft in flight (branches.py)
+    plan_inputs: tuple[float, int] = (0.0, 0)  # (α, budget) of this round's plan
 
     def ahead_outstanding(self) -> int:
         return sum(k > self.state.committed_len for k in self.keys_at_edge)
@@ -120,7 +140,9 @@ class DraftRuntime:
             "proactive_rounds": 0, "proactive_hits": 0, "rollbacks": 0, "steps_off": 0,
             "drafts_unused": 0, "accepted_tokens": 0, "rounds": 0, "ahead_sent": 0,
             "ahead_hits": 0, "chain_matched": 0, "edge_status": 0, "pauses_sent": 0,
-            "ahead_tokens_sent": 0}
+            "ahead_tokens_sent": 0, "branches_forked": 0, "branches_sent": 0,
+            "branch_tokens_sent": 0, "branch_bytes": 0, "branch_rounds": 0, "branch_hits": 0,
+            "branch_misses": 0, "branch_adopted_unsent": 0}
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -237,23 +259,36 @@ class DraftRuntime:
             elif not used and len(msg.new_tokens) == 1:
                 # The edge decoded this step alone: the target-only step time we compare against.
                 self.gamma_ctl.observe_target_step(now - track.last_commit_at)
-        try:
-            matched = self.drafter.commit(state, msg.committed_len, msg.new_tokens)
-        except CommitMismatch as e:
-            logger.warning("dropping request: %s", e)
-            self.tracks.pop(msg.handle, None)
-            return
-        self.counters["rollbacks"] += int(matched < 0)
+        branch = self._take_branch(track, msg)
+        if branch is not None:  # the edge committed a branch's prefix: it becomes the request
+            track.state, matched = branch.state, -1
+        else:
+            try:
+                matched = self.drafter.commit(state, msg.committed_len, msg.new_tokens)
+            except CommitMismatch as e:
+                logger.warning("dropping request: %s", e)
+                self.tracks.pop(msg.handle, None)
+                return
+            self.counters["rollbacks"] += int(matched < 0)
+        state = track.state
         ahead = track.ahead
         track.sent, track.ahead, track.last_commit_at = None, None, now
         track.keys_at_edge = {k for k in track.keys_at_edge if k >= state.committed_len}
         track.gamma = self._choose_gamma(track)
         if sent is not None and self.config.proactive and track.gamma:
-            hit = matched >= 0 and state.chain_len >= track.gamma
+            hit = (matched >= 0 or branch is not None) and state.chain_len >= track.gamma
             self.counters["proactive_rounds"] += 1
             self.counters["proactive_hits"] += int(hit)
             self.counters["chain_matched"] += int(matched >= 0)
             self.gamma_ctl.observe_proactive(hit)
+        if branch is not None and branch.sent is not None:
+            # The edge holds the branch's draft already; its round starts now.
+            b = branch.sent
+            track.sent = SentDraft(b.committed_len, b.tokens, now, b.num_bytes)
+            track.gamma = len(b.tokens)
+            self.counters["branch_hits"] += 1
+            return
+        self.counters["branch_adopted_unsent"] += int(branch is not None)
         if ahead is not None and matched >= 0 and ahead.committed_len == state.committed_len:
             # The edge holds this draft already (sent ahead); its round starts now.
             track.sent = SentDraft(ahead.committed_len, ahead.tokens, now, ahead.num_bytes)
@@ -261,6 +296,23 @@ class DraftRuntime:
             self.counters["ahead_hits"] += 1
         elif track.gamma and state.chain_len >= track.gamma:
             self._send(track)  # proactive hit: the next draft leaves at once
+
+    def _take_branch(self, track: Track, msg: Commit) -> Branch | None:
+        """Drop the request's branches; return the one whose prefix the commit equals, if any.
+        Counts the round's sent branches that missed."""
+        branches, track.branches, track.planned_levels = track.branches, [], 0
+        old = track.state.committed_len
+        new = list(msg.new_tokens)
+        hit = None
+        for b in branches:
+            s = b.state
+            if hit is None and s.committed_len == msg.committed_len == old + len(new) and \
+                    s.tokens[old:s.committed_len] == new:
+                hit = b  # its tokens[:old] are the request's: forked at this committed length
+            elif b.sent is not None:
+                self.counters["branch_misses"] += 1
+        self.counters["branch_rounds"] += int(any(b.sent is not None for b in branches))
+        return hit
 
     def _observe_round(self, sent: SentDraft, new_tokens: tuple[int, ...], now: float) -> bool:
         """Feed the estimator with a verified round; False if the edge did not use the draft."""
@@ -311,7 +363,12 @@ class DraftRuntime:
 
     def _has_work(self) -> bool:
         return any((t.gamma and t.sent is None) or self._proactive_wanted(t)
+                   or any(self._branch_wanted(b) for b in t.branches)
                    for t in self.tracks.values())
+
+    @staticmethod
+    def _branch_wanted(b: Branch) -> bool:
+        return b.sent is None and b.state.chain_len < b.gamma
 
     def _work(self) -> None:
         """One batched chain extension: urgent requests first, else proactive ones."""
@@ -323,25 +380,81 @@ class DraftRuntime:
         self.after_extend()
 
     def next_batch(self) -> list[DraftState]:
-        """The states to extend by one chain token now: urgent requests, else proactive ones."""
+        """The states to extend by one chain token now: urgent requests, else proactive chains
+        and branches (one batch)."""
         urgent = [t for t in self.tracks.values() if t.gamma and t.sent is None]
-        batch = [t for t in urgent if t.state.chain_len < t.gamma]
+        batch = [t.state for t in urgent if t.state.chain_len < t.gamma]
         if not batch:  # nothing urgent: draft ahead
-            batch = [t for t in self.tracks.values() if self._proactive_wanted(t)]
-        return [t.state for t in batch]
+            batch = [t.state for t in self.tracks.values() if self._proactive_wanted(t)]
+            batch += [b.state for t in self.tracks.values() for b in t.branches
+                      if self._branch_wanted(b)]
+        return batch
 
     def after_extend(self) -> None:
-        """Send every draft (and draft ahead) whose chain is long enough now."""
+        """Send every draft (and draft ahead, and branch) whose chain is long enough now."""
         for t in self.tracks.values():
             if t.sent is None and t.gamma and t.state.chain_len >= t.gamma:
                 self._send(t)
-            elif t.sent is not None and t.ahead is None and self.config.send_ahead:
+            elif t.sent is not None and self.config.send_ahead and t.ahead is None:
                 self._send_ahead(t)
+            if t.sent is not None and self.config.send_ahead:
+                self._plan_branches(t)
+                for b in list(t.branches):
+                    if b.sent is None and b.state.chain_len >= b.gamma:
+                        self._send_branch(t, b)
+
+    def branch_budget(self, gamma: int) -> int:
+        """Branches per round now (config ``branch_budget``; "auto": ``GammaController``)."""
+        b = self.config.branch_budget
+        if b == "auto":
+            return self.gamma_ctl.branch_budget(gamma, MAX_BRANCH_BUDGET)
+        return int(b)
+
+    def _plan_branches(self, track: Track) -> None:
+        """Fork the branches for the draft in flight: the rejection levels as soon as it is out,
+        the bonus level once the chain holds the bonus guess (row γ)."""
+        state, sent = track.state, track.sent
+        gamma = len(sent.tokens)  # type: ignore[union-attr]
+        levels = min(state.chain_len, gamma + 1)
+        if levels <= track.planned_levels:
+            return
+        if track.planned_levels == 0:  # one (α, budget) for the whole round
+            track.plan_inputs = (self.gamma_ctl.alpha, self.branch_budget(gamma))
+        done, track.planned_levels = track.planned_levels, levels
+        alpha, budget = track.plan_inputs
+        chain = state.chain_tokens()[:levels]
+        if budget < 1 or not self.drafter.batchable or chain[:gamma] != sent.tokens[:levels]:  # type: ignore[union-attr]
+            return
+        for j, token in plan_branches(state.chain_rows, chain, gamma, alpha, budget):
+            if j < done:
+                continue  # planned already
+            keep = state.committed_len + j
+            branch_gamma = min(track.gamma or gamma, self.gamma_ctl.branch_gamma(gamma),
+                               track.max_len - keep - 1)
+            if branch_gamma >= 1:
+                track.branches.append(Branch(self.drafter.fork(state, keep, token), branch_gamma))
+                self.counters["branches_forked"] += 1
+
+    def _send_branch(self, track: Track, branch: Branch) -> None:
+        draft = self.drafter.draft_message(branch.state, branch.gamma)
+        num_bytes = self.client.send(draft)
+        if not num_bytes:  # not connected or queue full: this branch is given up
+            track.branches.remove(branch)
+            return
+        track.paused = False
+        branch.sent = SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(),
+                                num_bytes)
+        self.counters["branches_sent"] += 1
+        self.counters["branch_tokens_sent"] += branch.gamma
+        self.counters["branch_bytes"] += num_bytes
 
     def _send_ahead(self, track: Track) -> None:
-        """Send chain[γ + 1 : 2γ + 1] for the sequence committed + chain[:γ + 1], once drafted."""
+        """Send chain[γ + 1 : γ + 1 + γ'] for the sequence committed + chain[:γ + 1], once drafted;
+        γ' = ``GammaController.branch_gamma``: what the device drafts while the edge verifies, so
+        that it reaches the edge before the commit does (as the branches)."""
         offset = len(track.sent.tokens) + 1  # type: ignore[union-attr]
-        gamma = min(track.gamma, track.limit(1 << 30) - offset)
+        gamma = min(track.gamma, self.gamma_ctl.branch_gamma(track.gamma),
+                    track.limit(1 << 30) - offset)
         if gamma < 1 or track.state.chain_len < offset + gamma or \
                 track.ahead_outstanding() >= MAX_AHEAD_OUTSTANDING:
             return
@@ -358,7 +471,9 @@ class DraftRuntime:
     def stats(self) -> dict[str, Any]:
         c = self.counters
         rounds = c["proactive_rounds"]
+        branch_rounds = c["branch_rounds"]
         return {**c, "proactive_hit_rate": c["proactive_hits"] / rounds if rounds else None,
+                "branch_hit_rate": c["branch_hits"] / branch_rounds if branch_rounds else None,
                 "acceptance": c["accepted_tokens"] / max(c["draft_tokens_sent"], 1),
                 "active_requests": len(self.tracks), "forward_calls": self.drafter.forward_calls,
                 "client": self.client.stats(), "gamma": self.gamma_ctl.snapshot()}

@@ -228,11 +228,12 @@ class DeviceEndpoint:
             count("invalid_unknown_peer")
             self._reply(router, identity, Error("unknown_peer", "handshake first"))
             return
-        self._on_session_message(router, session, msg)
+        self._on_session_message(router, session, msg, len(frames[1]))
 
-    def _on_session_message(self, router: Any, session: Session, msg: Any) -> None:
+    def _on_session_message(self, router: Any, session: Session, msg: Any,
+                            num_bytes: int = 0) -> None:
         if isinstance(msg, Draft):
-            if not self.table.store_draft(session, msg, self.config.wire_formats):
+            if not self.table.store_draft(session, msg, self.config.wire_formats, num_bytes):
                 self._strike(router, session.identity)
         elif isinstance(msg, End) and msg.handle == NO_HANDLE:
             self.table.close_session(session.session_id, "device said goodbye")

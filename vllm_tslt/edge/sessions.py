@@ -24,7 +24,10 @@ from vllm_tslt.protocol import Draft, PrefixHasher
 
 logger = logging.getLogger(__name__)
 
-MAX_DRAFTS_PER_REQUEST = 4  # drafts kept per request (for different assumed prefixes)
+MAX_DRAFTS_PER_REQUEST = 4  # bound of BoundRequest.drafts (it holds the committed length's)
+# Drafts kept per request for prefixes longer than the committed one (sent ahead: the device's
+# chain and its branches, several per length); the furthest ahead are evicted first.
+MAX_PENDING_DRAFTS = 16
 # A session with no traffic and no requests is forgotten after this long (read at every sweep:
 # tests lower it on this module).
 SESSION_IDLE_TIMEOUT_S = 300.0
@@ -54,6 +57,9 @@ class BoundRequest:
     session_id: str
     hasher: PrefixHasher  # the committed sequence, as a length and a rolling hash
     drafts: dict[int, Draft] = field(default_factory=dict)  # committed_len -> latest draft
+    # Drafts sent ahead, by the prefix they assume: (committed_len, prefix_hash) -> draft. The
+    # one whose prefix the engine commits moves to `drafts` (`_promote_locked`), the rest go.
+    pending: dict[tuple[int, int], Draft] = field(default_factory=dict)
     paused: bool = False  # the device said it sends no drafts until its next one (Pause)
     handle: int = 0  # the request's name on the wire, within its session (RequestStart.handle)
 
@@ -110,6 +116,7 @@ class SessionTable:
                 req = self.requests.get(rid)
                 if req is not None:
                     req.drafts.clear()
+                    req.pending.clear()
             self.counters["sessions_closed"] += 1
             self.cond.notify_all()
         logger.info("device session %s... closed: %s", session_id[:6], why)
@@ -177,6 +184,7 @@ class SessionTable:
                     f"new tokens, expected {expected}")
             req.hasher.update(new_tokens)
             req.drafts = {n: d for n, d in req.drafts.items() if n >= committed_len}
+            self._promote_locked(req)
             session = self.sessions.get(req.session_id)
             return (session.identity, req.handle) if session is not None else None
 
@@ -200,9 +208,15 @@ class SessionTable:
 
     # ------------------------------------------------------------------ drafts
 
-    def store_draft(self, session: Session, draft: Draft, wire_formats: Iterable[str]) -> bool:
+    def store_draft(self, session: Session, draft: Draft, wire_formats: Iterable[str],
+                    num_bytes: int = 0) -> bool:
         """Store a draft for its request (I/O thread). False: the draft was abusive (a wire
-        format this edge does not take).
+        format this edge does not take). ``num_bytes``: its frame's size (counted for drafts
+        sent ahead).
+
+        A draft for the committed length goes to ``drafts`` (where `collect` looks), but never
+        replaces one for the committed *prefix* with one for another prefix; a draft for a longer
+        prefix waits in ``pending`` under (committed_len, prefix_hash) until a commit decides.
 
         NOTE: a draft names its request by a handle of the sender's own session, so a device
         cannot draft for another session's requests (another key's: CURVE, docs/security.md)."""
@@ -220,12 +234,42 @@ class SessionTable:
             if draft.committed_len < req.hasher.length:
                 self.counters["dropped_late"] += 1
                 return True
-            req.drafts[draft.committed_len] = draft
+            if draft.committed_len > req.hasher.length:
+                self._store_pending_locked(req, draft, num_bytes)
+            else:
+                phash = req.hasher.value()
+                current = req.drafts.get(draft.committed_len)
+                if current is None or current.prefix_hash != phash or draft.prefix_hash == phash:
+                    req.drafts[draft.committed_len] = draft
             session.missed = 0
-            while len(req.drafts) > MAX_DRAFTS_PER_REQUEST:  # never evict the current prefix's
-                req.drafts.pop(max(n for n in req.drafts if n != req.hasher.length))
             self.cond.notify_all()
         return True
+
+    def _store_pending_locked(self, req: BoundRequest, draft: Draft, num_bytes: int) -> None:
+        self.counters["drafts_ahead"] += 1
+        self.counters["drafts_ahead_bytes"] += num_bytes
+        key = (draft.committed_len, draft.prefix_hash)
+        req.pending.pop(key, None)  # the latest for a prefix wins (and counts as the newest)
+        req.pending[key] = draft
+        while len(req.pending) > MAX_PENDING_DRAFTS:  # the furthest ahead, oldest first
+            furthest = max(n for n, _ in req.pending)
+            del req.pending[next(k for k in req.pending if k[0] == furthest)]
+            self.counters["drafts_ahead_evicted"] += 1
+
+    def _promote_locked(self, req: BoundRequest) -> None:
+        """After a commit: the pending draft for the committed prefix becomes the step's draft;
+        pending drafts for other prefixes of this length or shorter can never be used."""
+        length, phash = req.hasher.length, req.hasher.value()
+        hit = req.pending.pop((length, phash), None)
+        if hit is not None:
+            self.counters["drafts_ahead_hits"] += 1
+            current = req.drafts.get(length)
+            if current is None or current.prefix_hash != phash:
+                req.drafts[length] = hit
+        dead = [key for key in req.pending if key[0] <= length]
+        for key in dead:
+            del req.pending[key]
+        self.counters["drafts_ahead_misses"] += len(dead)
 
     def _request_of(self, session: Session, handle: int) -> BoundRequest | None:
         request_id = session.handles.get(handle)

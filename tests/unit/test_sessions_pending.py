@@ -1,0 +1,81 @@
+"""The hub's draft store with send-ahead branches: several pending drafts per request, keyed by the
+prefix they assume (committed_len, prefix_hash); a commit promotes the one for its prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_tslt.core.sparsify import SparseQ
+from vllm_tslt.edge.sessions import MAX_PENDING_DRAFTS, SessionTable
+from vllm_tslt.protocol import Draft, prefix_hash
+
+pytestmark = pytest.mark.unit
+PROMPT = [1, 2, 3]
+
+
+def _draft(seq: list[int], tokens: list[int]) -> Draft:
+    t = torch.tensor(tokens)
+    return Draft(1, len(seq), prefix_hash(seq), t, SparseQ.one_hot(t))
+
+
+@pytest.fixture()
+def table():
+    table = SessionTable(8)
+    session = table.open_session("s", b"dev", "")
+    assert table.bind("r", "s", PROMPT) == (b"dev", 1)
+    return table, session
+
+
+def _store(table, session, draft: Draft) -> None:
+    assert table.store_draft(session, draft, ["tslt"], num_bytes=50)
+
+
+def test_commit_picks_the_branch_for_its_prefix(table) -> None:
+    table, session = table
+    branches = {c: _draft([*PROMPT, c], [c + 10, c + 11]) for c in (5, 6, 7)}  # level 0, 3 guesses
+    for d in branches.values():
+        _store(table, session, d)
+    _store(table, session, _draft([*PROMPT, 4, 4, 9], [1]))  # all accepted + a bonus guess
+    assert table.collect(["r"], 0.0) == {}  # nothing for the committed prompt itself
+    table.advance("r", 4, [6])
+    got = table.collect(["r"], 0.0)["r"]
+    assert torch.equal(got.tokens, branches[6].tokens)
+    snap = table.snapshot()
+    assert snap["drafts_ahead"] == 4 and snap["drafts_ahead_bytes"] == 200
+    assert snap["drafts_ahead_hits"] == 1 and snap["drafts_ahead_misses"] == 2  # 5 and 7
+    assert list(table.requests["r"].pending) == [(6, prefix_hash([*PROMPT, 4, 4, 9]))]
+    table.advance("r", 6, [1, 2])  # the bonus guess's prefix did not come true either
+    assert table.collect(["r"], 0.0) == {} and table.snapshot()["drafts_ahead_misses"] == 3
+    assert not table.requests["r"].pending
+
+
+def test_a_draft_for_another_prefix_never_replaces_the_committed_prefixs(table) -> None:
+    table, session = table
+    seq = [*PROMPT, 8]
+    table.advance("r", 4, [8])
+    good, other = _draft(seq, [3, 3]), _draft([*PROMPT, 9], [4, 4])  # same length, other prefix
+    _store(table, session, other)
+    _store(table, session, good)  # replaces the useless one
+    _store(table, session, other)  # a branch that arrives after the commit: kept out
+    assert torch.equal(table.collect(["r"], 0.0)["r"].tokens, good.tokens)
+
+
+def test_a_wrong_prefix_alone_is_stale(table) -> None:
+    table, session = table
+    _store(table, session, _draft([*PROMPT, 4], [1]))  # pending, for a prefix that won't come
+    table.advance("r", 4, [5])
+    assert table.collect(["r"], 0.0) == {}
+    assert table.snapshot()["drafts_ahead_misses"] == 1
+
+
+def test_pending_drafts_are_bounded_furthest_first(table) -> None:
+    table, session = table
+    for n in range(3 * MAX_PENDING_DRAFTS):
+        _store(table, session, _draft([*PROMPT, *range(n % 5 + 1), n], [1]))
+    pending = table.requests["r"].pending
+    assert len(pending) == MAX_PENDING_DRAFTS
+    assert table.snapshot()["drafts_ahead_evicted"] == 2 * MAX_PENDING_DRAFTS
+    assert max(n for n, _ in pending) < len(PROMPT) + 5  # the furthest ahead went first
+    table.close_session("s", "test")
+    assert not table.requests["r"].pending
