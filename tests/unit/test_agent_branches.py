@@ -91,3 +91,24 @@ def test_fork_drafts_like_a_fresh_state_and_leaves_the_parent_alone(drafter) -> 
     assert (drafter.recompute_logits(parent.tokens) - drafter.peek_logits(parent)).abs().max() < TOL
     msg = drafter.draft_message(branch, 3)
     assert msg.committed_len == keep + 1 and msg.prefix_hash == prefix_hash(branch.tokens[:keep + 1])
+
+
+def test_auto_budget_fits_the_uplink_and_branch_gamma_fits_the_verification() -> None:
+    from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
+
+    ctl = GammaController(AdaptiveConfig(gamma_max=4))
+    assert ctl.branch_budget(3, cap=2) == 2  # rate unknown: the cap
+    assert ctl.branch_gamma(3) == 3  # times unknown: γ
+    rate = 2_000.0  # bytes/s: a link so slow that a branch (~60 B) takes 30 ms
+    for i in range(40):
+        payload = 40 + 10 * (i % 5)
+        ctl.observe_round(3, 2, payload, 0.01 + payload / rate)
+    assert ctl.link.rate_bytes_per_s == pytest.approx(rate, rel=0.05)
+    fit = ctl.branch_budget(3, cap=8)
+    per_branch = 3 * ctl.bytes_per_token.value
+    assert fit == int(0.5 * rate * ctl.round_time(3) / per_branch) and fit < 8
+    assert ctl.branch_budget(0, cap=8) == 0
+    ctl.observe_edge_status(0.020, 0.0)  # the edge's step: 20 ms
+    for _ in range(20):
+        ctl.observe_draft(1, 0.008)  # one (batched) extension: 8 ms
+    assert ctl.branch_gamma(4) == 2 and ctl.branch_gamma(1) == 1

@@ -28,6 +28,11 @@ import heapq
 import torch
 
 MAX_BRANCH_BUDGET = 8  # branches per round (the hub keeps MAX_PENDING_DRAFTS per request)
+# "auto" budgets: at most this many. Branches cost device compute too (one batched extension of
+# the chain and B branches costs ~3x a single one for B = 4 on a CPU, docs/benchmarks/branches/),
+# which the uplink rule does not see; 2 had the best hit rate per uplink byte there. Issue 14
+# item 3 (adaptive control of γ and the budget) is where a compute-aware choice belongs.
+AUTO_BRANCH_CAP = 2
 
 
 def level_quotas(alpha: float, gamma: int, budget: int) -> list[int]:

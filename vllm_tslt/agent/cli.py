@@ -72,7 +72,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "pay); default auto")
     p.add_argument("--branch-budget", type=_gamma, metavar="N|auto",
                    help="send-ahead branches per round for other likely verification outcomes "
-                        "(0..8), or 'auto' to fit them in half the uplink's capacity; default "
+                        "(0..8), or 'auto': as many as fit in half the uplink's capacity, at most 2; default "
                         "auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
                    help="torch device of the draft model; default auto")

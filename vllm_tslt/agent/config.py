@@ -59,7 +59,7 @@ class AgentConfig:
     send_ahead: bool = True  # send that continuation at once, tagged with the expected sequence
     # Send-ahead branches per round for other likely outcomes (rejected at j + a guessed
     # correction, all accepted + another bonus guess): an int in 0..8, or "auto" (as many as fit
-    # in half the uplink's capacity per round, at most 8). Needs send_ahead.
+    # in half the uplink's capacity per round, at most 2). Needs send_ahead.
     branch_budget: int | str = "auto"
     device: str = "auto"
     dtype: str = "auto"

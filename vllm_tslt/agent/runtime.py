@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
-from vllm_tslt.agent.branches import MAX_BRANCH_BUDGET, plan_branches
+from vllm_tslt.agent.branches import AUTO_BRANCH_CAP, plan_branches
 from vllm_tslt.agent.client import EdgeClient, HandshakeRefused
 from vllm_tslt.agent.config import AgentConfig
 from vllm_tslt.agent.drafter import CommitMismatch, Drafter, DraftState
@@ -407,7 +407,7 @@ class DraftRuntime:
         """Branches per round now (config ``branch_budget``; "auto": ``GammaController``)."""
         b = self.config.branch_budget
         if b == "auto":
-            return self.gamma_ctl.branch_budget(gamma, MAX_BRANCH_BUDGET)
+            return self.gamma_ctl.branch_budget(gamma, AUTO_BRANCH_CAP)
         return int(b)
 
     def _plan_branches(self, track: Track) -> None:
