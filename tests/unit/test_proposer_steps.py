@@ -59,7 +59,7 @@ def _run_step(prop, req_ids, scheduled=None, drafts=None):
                                    num_draft_tokens=counts)
         dense = prop.draft_probs(req_ids, metadata, torch.device("cpu"))
     if drafts is not None:
-        prop.hub.collect = lambda ids, deadline: {rid: drafts[rid] for rid in ids if rid in drafts}
+        prop.hub.collect = lambda ids, deadline, **_: {rid: drafts[rid] for rid in ids if rid in drafts}
         runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(req_ids)))
         prop.bind_step(runner, None)
         out = prop.propose([[1]] * len(req_ids), [10] * len(req_ids), None)
@@ -166,7 +166,7 @@ def test_drafts_are_capped_while_a_request_is_short_of_min_tokens(proposer):
     proposer._min_tokens["r"] = (8, 5)  # prompt of 8 tokens, min_tokens = 5
     draft = _draft("r", [3, 4, 5, 6])
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r"]))
-    proposer.hub.collect = lambda ids, deadline: {"r": draft}
+    proposer.hub.collect = lambda ids, deadline, **_: {"r": draft}
     proposer.bind_step(runner, None)
     handed = [proposer.propose([[1]], [length], None)[0] for length in (9, 10, 11, 12, 13, 14)]
     # outputs L = 1..6: caps 3, 2, 1, 0, then no cap (L >= 5)
@@ -189,3 +189,39 @@ def test_fused_noise_rows_only_for_drafted_requests():
     assert meta.generators[2].initial_seed() == 8 and torch.equal(  # request 2's stream untouched
         torch.rand(1, generator=meta.generators[2]),
         torch.rand(1, generator=torch.Generator().manual_seed(8)))
+
+
+def test_a_parked_request_gets_its_draft_through_the_extras_and_verifies_with_its_q(proposer):
+    """Intake (edge/intake.py): step 1 parks "a" (its draft is 8 ms away, a step is 10 ms, "b"
+    keeps the batch busy); step 2 runs without "a", its draft comes and is handed to the
+    scheduler as an extra; step 3 verifies it with its own q̃."""
+    from vllm_tslt.edge.intake import Intake
+
+    proposer.intake = intake = Intake("adaptive", 0.2, max_park_steps=2)
+    intake._step.add(0.010)
+    intake.observe("a", 4)
+    proposer._committed.update(a=10, b=10)
+    draft_a, draft_b = _draft("a", [3, 4, 5]), _draft("b", [6])
+    arrived = {"b": draft_b}
+    proposer.hub.in_flight = lambda ids: {rid: 0.008 for rid in ids if rid not in arrived}
+    proposer.hub.collect = lambda ids, deadline, **_: {r: arrived[r] for r in ids if r in arrived}
+
+    def propose(req_ids):
+        proposer.begin_step([])
+        intake._end = None  # keep the step time at 10 ms (this test takes no time)
+        proposer.bind_step(SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids)), None)
+        return proposer.propose([[1]] * len(req_ids), [10] * len(req_ids), None)
+
+    assert propose(["a", "b"]) == [[], [6]]
+    assert proposer.take_scheduler_extras() == ({}, ["a"])
+    assert proposer.take_scheduler_extras() == ({}, [])  # taken once
+    arrived["a"] = draft_a
+    assert propose(["b"]) == [[6]]  # "a" is parked: not in the batch
+    assert proposer.take_scheduler_extras() == ({"a": [3, 4, 5]}, [])
+    proposer.begin_step([])
+    metadata = SimpleNamespace(draft_token_ids=torch.tensor([6, 3, 4, 5], dtype=torch.int32),
+                               num_draft_tokens=[1, 3])
+    dense = proposer.draft_probs(["b", "a"], metadata, torch.device("cpu"))
+    assert all(float(dense[i, t]) == 0.5 for i, t in enumerate([6, 3, 4, 5]))  # their q̃
+    snap = proposer.hub.snapshot()
+    assert snap["intake_parks"] == 1 and "intake_plain" not in snap

@@ -364,3 +364,86 @@ def test_metrics_registry_contract():
     expose = inspect.getsource(Instrumentator.expose)
     assert "ephemeral_registry = CollectorRegistry()" in expose
     assert "multiprocess.MultiProcessCollector(ephemeral_registry)" in expose
+
+
+# --- patches/scheduler.py + runner.py take_draft_token_ids (edge/intake.py: parking) -------------
+
+
+def test_parking_hook_contract():
+    """A running request is skipped for one schedule() call when current_step + 2 is set as its
+    next_decode_eligible_step between two steps; nothing else in the synchronous scheduler reads
+    or resets that field; the model runner keeps the state of a running request left out."""
+    from vllm.v1.core.sched import scheduler as scheduler_module
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert "self.next_decode_eligible_step = 0" in inspect.getsource(Request.__init__)
+    assert "self.current_step = 0" in inspect.getsource(Scheduler.__init__)
+    src = inspect.getsource(Scheduler.schedule)
+    step_at = src.index("self.current_step += 1")
+    running_loop = src.index("while req_index < len(self.running)")
+    skip = "if self.current_step < request.next_decode_eligible_step:\n"
+    skip_at = src.index(skip)
+    assert step_at < running_loop < skip_at
+    assert src[skip_at + len(skip):].lstrip().startswith("# ") or \
+        src[skip_at + len(skip):].lstrip().startswith("req_index += 1")
+    after = src[skip_at:skip_at + 400]
+    assert "req_index += 1\n" in after and "continue" in after
+    # read once (the skip), written nowhere in the synchronous scheduler
+    assert inspect.getsource(scheduler_module).count("request.next_decode_eligible_step") == 1
+    assert "next_decode_eligible_step =" not in inspect.getsource(scheduler_module)
+    # update_draft_token_ids: (self, DraftTokenIds); skips finished requests itself
+    params = list(inspect.signature(Scheduler.update_draft_token_ids).parameters)
+    assert params == ["self", "draft_token_ids"]
+    assert "self.requests.get(req_id)" in inspect.getsource(Scheduler.update_draft_token_ids)
+    init = inspect.getsource(Scheduler.__init__)
+    assert "self.requests: dict[str, Request]" in init and "self.running: list[Request]" in init
+    # a running request not scheduled leaves the persistent batch and comes back, state kept
+    update = inspect.getsource(GPUModelRunner._update_states)
+    assert "unscheduled_req_ids" in update and "self.input_batch.remove_request(req_id)" in update
+    assert "scheduled in the previous step and needs to be added again" in update
+
+
+def test_take_draft_token_ids_contract():
+    from vllm.v1.outputs import DraftTokenIds
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert list(inspect.signature(GPUModelRunner.take_draft_token_ids).parameters) == ["self"]
+    assert "take_draft_token_ids" not in CPUModelRunner.__dict__
+    # req_ids may be the input batch's live list: with_intake copies it
+    assert "return self._draft_token_ids, self.input_batch.req_ids" in inspect.getsource(
+        GPUModelRunner._get_draft_token_ids_cpu)
+    assert [f.name for f in dataclasses.fields(DraftTokenIds)] == ["req_ids", "draft_token_ids"]
+    ids = DraftTokenIds(["a"], [[1]])
+    ids.tslt_park = ("b",)  # no __slots__: the park list rides along (pickled with it)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ids)).tslt_park == ("b",)
+
+
+def test_with_intake_and_park_requests():
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.outputs import DraftTokenIds
+
+    from vllm_tslt.patches.scheduler import PARK_ATTR, park_requests, with_intake
+
+    live = ["a"]
+    base = DraftTokenIds(live, [[1, 2]])
+    assert with_intake(base, {}, []) is base
+    out = with_intake(base, {"p": [7, 8]}, ["q"])
+    assert out.req_ids == ["a", "p"] and out.draft_token_ids == [[1, 2], [7, 8]]
+    assert getattr(out, PARK_ATTR) == ("q",) and live == ["a"]  # the live list untouched
+    assert with_intake(None, {"p": [3]}, []).req_ids == ["p"]
+
+    def req(finished=False):
+        return NS(next_decode_eligible_step=0, is_finished=lambda: finished)
+
+    running, done, waiting = req(), req(True), req()
+    sched = NS(current_step=7, running=[running, done],
+               requests={"r": running, "d": done, "w": waiting})
+    assert park_requests(sched, ["r", "d", "w", "gone"]) == 1
+    assert running.next_decode_eligible_step == 9  # schedule() makes it 8 < 9: skipped once
+    assert done.next_decode_eligible_step == 0 and waiting.next_decode_eligible_step == 0

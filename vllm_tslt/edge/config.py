@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 VERIFIERS = ("scatter", "fused")
+INTAKE_MODES = ("wait", "adaptive")  # == vllm_tslt.edge.intake.INTAKE_MODES
+MAX_PARK_STEPS = 64
 WIRE_FORMATS = ("tslt", "dsd-fp32", "dsd-fp16", "tkslt")  # == vllm_tslt.core.float_q.WIRE_FORMATS
 
 
@@ -26,8 +28,16 @@ def _fail(name: str, msg: str) -> TsltConfigError:
 class TsltConfig:
     # ZeroMQ endpoint the draft hub binds for devices (tcp://HOST:PORT; port 0 = any free port).
     bind: str = "tcp://127.0.0.1:5557"
-    # How long each engine step waits for drafts from devices before decoding without them.
+    # The longest an engine step waits for drafts from devices before decoding without them.
     draft_deadline_ms: float = 50.0
+    # What a step does about drafts still in flight (docs/intake.md): "wait" for every one up to
+    # draft_deadline_ms; "adaptive": from measured costs (step time, each device's lateness,
+    # tokens per draft) wait a bounded time, park the request (left out of the next steps), or
+    # decode it plainly this step.
+    intake: str = "wait"
+    # "adaptive": the most steps in a row a request is left out waiting for its draft (0 = never
+    # park); after that it decodes plainly.
+    intake_max_park_steps: int = 2
     # "scatter": sparse q -> dense draft_probs -> vLLM's rejection sampler.
     # "fused": vllm_tslt.kernels' sparse rejection sampler replaces vLLM's (no dense q).
     verifier: str = "scatter"
@@ -61,6 +71,13 @@ class TsltConfig:
             raise _fail("bind", f"must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
         if not 0 <= self.draft_deadline_ms <= 60_000:
             raise _fail("draft_deadline_ms", f"must be in [0, 60000], got {self.draft_deadline_ms}")
+        if self.intake not in INTAKE_MODES:
+            raise _fail("intake", f"must be one of {INTAKE_MODES}, got {self.intake!r}")
+        value = self.intake_max_park_steps
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                not 0 <= value <= MAX_PARK_STEPS:
+            raise _fail("intake_max_park_steps",
+                        f"must be an integer in [0, {MAX_PARK_STEPS}], got {value!r}")
         if self.verifier not in VERIFIERS:
             raise _fail("verifier", f"must be one of {VERIFIERS}, got {self.verifier!r}")
         for name, lo, hi in (("max_k", 1, 1 << 16), ("max_candidates", 1, 16),

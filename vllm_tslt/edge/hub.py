@@ -6,8 +6,8 @@ Three parts, one module each:
 - `device_endpoint.DeviceEndpoint`: the ROUTER socket and its I/O thread (handshakes, validation,
   abuse guards, idle expiry; docs/security.md);
 - `DraftHub` (here): lifecycle, and the calls the engine thread makes every step —
-  `start_request`, `commit`, `end_request`, `collect`, `broadcast_status`, `count` — which never
-  touch the socket.
+  `start_request`, `commit`, `end_request`, `in_flight`, `collect`, `broadcast_status`, `count` —
+  which never touch the socket.
 
 **Every engine-step call is total.** An exception inside the engine step takes the whole server down
 for every user, so none of those calls raises: an internal anomaly (a commit whose length does not
@@ -143,14 +143,23 @@ class DraftHub:
             self.io.send(bound[0], End(bound[1], reason))
 
     @_never_raises(dict)
-    def collect(self, request_ids: Iterable[str], deadline_s: float) -> dict[str, Draft]:
-        """Wait until each request has a draft for its committed sequence, or the deadline
-        (`SessionTable.collect`). A deadline that is not a finite number waits not at all."""
+    def in_flight(self, request_ids: Iterable[str]) -> dict[str, float | None]:
+        """Requests whose draft may still come, with the seconds until it is due
+        (`SessionTable.in_flight`; the intake policy's input, edge/intake.py)."""
+        return self.table.in_flight(request_ids)
+
+    @_never_raises(dict)
+    def collect(self, request_ids: Iterable[str], deadline_s: float,
+                wait_for: Iterable[str] | None = None, defer: Iterable[str] = ()
+                ) -> dict[str, Draft]:
+        """Wait until each request (of `wait_for`, default all) has a draft for its committed
+        sequence, or the deadline (`SessionTable.collect`). A deadline that is not a finite
+        number waits not at all."""
         if not (isinstance(deadline_s, (int, float)) and math.isfinite(deadline_s)):
             self._anomaly("collect_deadline", None, ValueError(f"deadline_s={deadline_s!r}"),
                           traceback=False)
             deadline_s = 0.0
-        return self.table.collect(request_ids, deadline_s)
+        return self.table.collect(request_ids, deadline_s, wait_for, defer)
 
     @_never_raises(lambda: None)
     def broadcast_status(self, status: EdgeStatus) -> None:

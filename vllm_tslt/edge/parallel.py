@@ -183,7 +183,11 @@ class InertHub:
     def start_request(self, *args: Any, **kwargs: Any) -> bool:
         return False
 
-    def collect(self, request_ids: Iterable[str], deadline_s: float) -> dict[str, Any]:
+    def in_flight(self, request_ids: Iterable[str]) -> dict[str, float | None]:
+        return {}
+
+    def collect(self, request_ids: Iterable[str], deadline_s: float, *args: Any,
+                **kwargs: Any) -> dict[str, Any]:
         return {}
 
     def commit(self, *args: Any, **kwargs: Any) -> None:

@@ -2,8 +2,9 @@
 
 vLLM calls `propose(...)` after each step without request ids; `vllm_tslt.patches.runner` binds the
 model runner and the step's scheduler output first (`bind_step`), so the proxy can see which request
-is which, send each device its committed tokens, collect drafts until the deadline, and later hand
-the rejection sampler the exact sparse q̃ each drafted token was sampled from (`draft_probs`).
+is which, send each device its committed tokens, collect drafts (`edge/intake.py` decides per step
+whether to wait for a late draft, park its request, or decode it plainly), and later hand the
+rejection sampler the exact sparse q̃ each drafted token was sampled from (`draft_probs`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vllm_tslt.protocol import Draft, EdgeStatus, vocab_fingerprint
 
 from .config import TsltConfig
 from .hub import DraftHub
+from .intake import Intake
 from .parallel import EdgeParallel, InertHub
 from .stats import StatsWriter
 from .verify import SparseDraftProbs
@@ -116,6 +118,12 @@ class TsltProposer:
         self._min_tokens: dict[str, tuple[int, int]] = {}
         self.step_cost = StepCost()
         self._status_at = 0.0
+        self.intake = Intake.from_config(self.config)
+        self._handed: set[str] = set()  # requests handed a draft by the last propose()
+        # For the scheduler, via take_draft_token_ids (patches/runner.py, patches/scheduler.py):
+        # drafts of parked requests (not in the batch) and the requests to park next step.
+        self._extra_drafts: dict[str, list[int]] = {}
+        self._park_next: list[str] = []
 
     # vLLM's CPU runner calls this with the target model; nothing to load here.
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -136,6 +144,7 @@ class TsltProposer:
             self._pending.pop(rid, None)
             self._cut_mode.pop(rid, None)
             self._min_tokens.pop(rid, None)
+            self.intake.forget(rid)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any,
                 token_ids_cpu: Any, slot_mappings: Any = None) -> list[list[int]]:
@@ -146,27 +155,45 @@ class TsltProposer:
         self.step_cost.step_started(t0, req_ids)
         bound = []
         for i, rid in enumerate(req_ids):
+            if rid in self._handed and sampled_token_ids[i]:  # tokens of a drafted step
+                self.intake.observe(rid, len(sampled_token_ids[i]))
             if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,
                             token_ids_cpu):
                 bound.append(rid)
         t1 = time.perf_counter()
-        drafts = self.hub.collect(bound, self.config.draft_deadline_ms / 1000.0) if bound else {}
+        drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids))
+                                   if bound or self.intake.parked else ({}, []))
         t2 = time.perf_counter()
         out: list[list[int]] = []
         self._pending, self._pending_step = {}, self._step
         for i, rid in enumerate(req_ids):
-            draft = drafts.get(rid)
-            cap = self._min_tokens_cap(rid, int(num_tokens_no_spec[i])) if drafts else 0
-            tokens = [] if draft is None else draft.tokens[: cap].tolist()
-            if draft is not None:
-                self._pending[rid] = (draft, len(tokens))
-            out.append(tokens)
+            out.append(self._hand_out(rid, drafts.get(rid), int(num_tokens_no_spec[i])))
+        self._extra_drafts = {}  # parked requests (not in this batch) whose draft came
+        for rid, draft in drafts.items():
+            if rid not in self._pending and rid in self._committed:
+                self._extra_drafts[rid] = self._hand_out(rid, draft, self._committed[rid])
+        self._handed = set(self._pending)
         self._report_status(t0, len(req_ids))
         t3 = time.perf_counter()
         self.hub.count("proxy_steps")
         self.hub.count("proxy_overhead_us", int(((t1 - t0) + (t3 - t2)) * 1e6))
         self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out))
         return out
+
+    def _hand_out(self, rid: str, draft: Draft | None, length: int) -> list[int]:
+        """The draft tokens request rid (committed `length` tokens) is handed for the next step."""
+        if draft is None:
+            return []
+        tokens = draft.tokens[: self._min_tokens_cap(rid, length)].tolist()
+        self._pending[rid] = (draft, len(tokens))
+        return tokens
+
+    def take_scheduler_extras(self) -> tuple[dict[str, list[int]], list[str]]:
+        """What the last propose() decided beyond its per-batch drafts, once: the drafts of
+        parked requests (not in the batch) and the requests to park in the next step."""
+        extras, park = self._extra_drafts, self._park_next
+        self._extra_drafts, self._park_next = {}, []
+        return extras, park
 
     def _min_tokens_cap(self, rid: str, length: int) -> int:
         """Most draft tokens request rid may be handed for the step after this one.

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from vllm_tslt.core.float_q import FloatQ
 from vllm_tslt.protocol import Draft, PrefixHasher
 
+from .intake import Lateness
+
 logger = logging.getLogger(__name__)
 
 MAX_DRAFTS_PER_REQUEST = 4  # bound of BoundRequest.drafts (it holds the committed length's)
@@ -34,6 +36,7 @@ SESSION_IDLE_TIMEOUT_S = 300.0
 # After this many steps in a row without a usable draft, the engine stops waiting for a session
 # (a stalled or vanished device costs at most this many deadlines) until it sends a draft again.
 MAX_MISSED_DEADLINES = 3
+COMMIT_TIMES_KEPT = 8  # commit times kept per request, to measure the lateness of late drafts
 
 
 class CommitLengthError(ValueError):
@@ -50,6 +53,7 @@ class Session:
     next_handle: int = 1  # handles are never reused within a session
     last_seen: float = field(default_factory=time.monotonic)
     missed: int = 0  # consecutive collect() deadlines this session's requests missed
+    lateness: Lateness = field(default_factory=Lateness)  # commit -> its draft's arrival
 
 
 @dataclass
@@ -62,6 +66,14 @@ class BoundRequest:
     pending: dict[tuple[int, int], Draft] = field(default_factory=dict)
     paused: bool = False  # the device said it sends no drafts until its next one (Pause)
     handle: int = 0  # the request's name on the wire, within its session (RequestStart.handle)
+    # committed length -> when the edge committed it (monotonic), until a draft answers it; the
+    # last COMMIT_TIMES_KEPT
+    commit_times: dict[int, float] = field(default_factory=dict)
+
+    def committed(self, length: int) -> None:
+        self.commit_times[length] = time.monotonic()
+        if len(self.commit_times) > COMMIT_TIMES_KEPT:
+            del self.commit_times[min(self.commit_times)]
 
 
 class SessionTable:
@@ -165,6 +177,7 @@ class SessionTable:
             session.requests.add(request_id)
             session.handles[handle] = request_id
             self.requests[request_id] = BoundRequest(session_id, hasher, handle=handle)
+            self.requests[request_id].committed(hasher.length)
             self.counters["requests_bound"] += 1
             return session.identity, handle
 
@@ -183,6 +196,7 @@ class SessionTable:
                     f"commit for {request_id}: length {committed_len} after {len(new_tokens)} "
                     f"new tokens, expected {expected}")
             req.hasher.update(new_tokens)
+            req.committed(committed_len)
             req.drafts = {n: d for n, d in req.drafts.items() if n >= committed_len}
             self._promote_locked(req)
             session = self.sessions.get(req.session_id)
@@ -231,6 +245,13 @@ class SessionTable:
                 self.counters["dropped_unknown_request"] += 1
                 return True
             req.paused = False  # drafting again: wait for its drafts from now on
+            # Lateness from the oldest commit this draft answers: a busy device drafts for the
+            # latest context only, so that is how long a request left waiting would wait.
+            answered = [n for n in req.commit_times if n <= draft.committed_len]
+            if answered:
+                session.lateness.add(time.monotonic() - req.commit_times[min(answered)])
+                for n in answered:
+                    del req.commit_times[n]
             if draft.committed_len < req.hasher.length:
                 self.counters["dropped_late"] += 1
                 return True
@@ -286,19 +307,49 @@ class SessionTable:
             self.counters["pauses"] += 1
             self.cond.notify_all()
 
-    def collect(self, request_ids: Iterable[str], deadline_s: float) -> dict[str, Draft]:
-        """Wait until each request has a draft for its committed sequence, or the deadline.
+    def in_flight(self, request_ids: Iterable[str]) -> dict[str, float | None]:
+        """The requests whose draft for their committed sequence may still come, each with the
+        seconds until it is expected (its device's `Lateness` less the time since the commit;
+        None: the device has no lateness sample yet). Requests with a usable draft, paused or
+        unbound ones, and those of unresponsive sessions are left out (nothing to wait for)."""
+        now = time.monotonic()
+        out: dict[str, float | None] = {}
+        with self.cond:
+            for rid in request_ids:
+                expected = self._expected_locked(rid)
+                if expected is None:
+                    continue
+                req = self.requests[rid]
+                session = self.sessions[req.session_id]
+                draft = req.drafts.get(expected[0])
+                if req.paused or session.missed >= MAX_MISSED_DEADLINES or (
+                        draft is not None and draft.prefix_hash == expected[1]):
+                    continue
+                lateness = session.lateness.estimate()
+                sent_at = req.commit_times.get(expected[0], now)
+                out[rid] = None if lateness is None else max(0.0, lateness - (now - sent_at))
+        return out
+
+    def collect(self, request_ids: Iterable[str], deadline_s: float,
+                wait_for: Iterable[str] | None = None, defer: Iterable[str] = ()
+                ) -> dict[str, Draft]:
+        """Wait until each request (of `wait_for`, default all) has a draft for its committed
+        sequence, or the deadline; return the usable drafts of all `request_ids`.
 
         Drafts that arrive later, or for another prefix, are not used for this step; every request
-        without a usable draft is counted under `dropped_<reason>` (missing or stale).
+        without a usable draft is counted under `dropped_<reason>` (missing or stale), except
+        those in `defer` (parked by the intake policy: they are collected again next step). Only
+        sessions waited for and missed count towards `MAX_MISSED_DEADLINES`.
         """
         t0 = time.monotonic()
         end = t0 + max(0.0, deadline_s)
         found: dict[str, Draft] = {}
+        deferred = set(defer)
         with self.cond:
             wanted = {rid: p for rid in request_ids if (p := self._expected_locked(rid))}
+            waited = set(wanted) if wait_for is None else set(wait_for) & set(wanted)
             sessions = {rid: self.sessions[self.requests[rid].session_id] for rid in wanted}
-            responsive = {rid for rid, s in sessions.items() if s.missed < MAX_MISSED_DEADLINES}
+            responsive = {rid for rid in waited if sessions[rid].missed < MAX_MISSED_DEADLINES}
             settled: set[str] = set()  # paused (before or during the wait): nothing will come
             while True:
                 for rid, (length, phash) in wanted.items():
@@ -312,10 +363,11 @@ class SessionTable:
                 if responsive <= found.keys() | settled or now >= end:
                     break
                 self.cond.wait(timeout=end - now)
-            for session in {id(s): s for s in sessions.values()}.values():
+            for session in {id(sessions[rid]): sessions[rid] for rid in waited}.values():
                 got = any(rid in found or rid in settled for rid in session.requests)
                 session.missed = 0 if got else session.missed + 1
-            self._count_collected(wanted, found, settled)
+            self._count_collected({rid: p for rid, p in wanted.items()
+                                   if rid in found or rid not in deferred}, found, settled)
             self.counters["steps_waited"] += 1 if wanted else 0
             self.counters["wait_us"] += int((time.monotonic() - t0) * 1e6) if wanted else 0
         return found

@@ -13,10 +13,10 @@ __all__ = ["Patch", "PatchError", "apply_all"]
 
 def apply_all() -> list[str]:
     """Apply every patch that the running process needs; returns the names applied now."""
-    from . import cpu_expand, engine, metrics, runner, spec_config, structured
+    from . import cpu_expand, engine, metrics, runner, scheduler, spec_config, structured
 
     applied = []
-    for module in (cpu_expand, spec_config, runner, structured, engine, metrics):
+    for module in (cpu_expand, spec_config, runner, structured, scheduler, engine, metrics):
         if module.apply():
             applied.append(module.__name__.rsplit(".", 1)[1])
     return applied

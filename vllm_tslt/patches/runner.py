@@ -8,6 +8,9 @@
 - `_sample`: a step with no draft token takes vLLM's plain sampler (the same distribution),
   not the rejection sampler on empty tensors; with TP and ``tp_check`` on, the ranks' sampled
   tokens are compared after sampling (`TsltProposer.check_sampled`).
+- `take_draft_token_ids`: the drafts the engine core hands the scheduler after a step; the wrapper
+  adds what the intake policy decided (edge/intake.py): drafts of parked requests, which are not in
+  the batch, and the requests to park next step (`patches.scheduler` reads them).
 - `_get_spec_decode_draft_probs`: the only way draft probabilities reach vLLM's rejection sampler;
   the wrapper returns the devices' sparse q̃ for exactly the drafts vLLM scheduled (dense, "scatter"
   verifier) or a `SparseDraftProbs` handle for the fused sparse verifier.
@@ -83,6 +86,19 @@ def _wrap_sample(original):
     return _sample
 
 
+def _wrap_take_draft_token_ids(original):
+    @functools.wraps(original)
+    def take_draft_token_ids(self):
+        result = original(self)
+        if not _is_tslt(self):
+            return result
+        from .scheduler import with_intake
+
+        return with_intake(result, *self.drafter.take_scheduler_extras())
+
+    return take_draft_token_ids
+
+
 _SHORTCUT = True  # envs.overhead_patches_enabled(), read when the patches are applied
 
 PATCHES = (
@@ -90,6 +106,7 @@ PATCHES = (
     Patch(RUNNER, "propose_draft_token_ids", "0.32.0", _wrap_propose),
     Patch(RUNNER, "_update_states", "0.32.0", _wrap_update_states),
     Patch(RUNNER, "_get_spec_decode_draft_probs", "0.32.0", _wrap_draft_probs),
+    Patch(RUNNER, "take_draft_token_ids", "0.32.0", _wrap_take_draft_token_ids),
 )
 
 

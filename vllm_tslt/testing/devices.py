@@ -2,7 +2,8 @@
 
 - ``TableDevice``: drafts γ tokens from a table model (vllm_tslt.testing.targets.TableTarget, e.g.
   the target itself or ``target.perturbed(...)``) with sparsify-then-sample at each request's
-  temperature: honest, cheap, no model files.
+  temperature: honest, cheap, no model files; ``delay_s`` makes it a slow device (each draft
+  leaves that long after the commit it answers).
 - ``ModelDevice``: drafts with a transformers draft model (full recompute, no KV cache), optionally
   with alternatives (multi-candidate); ``mode="garbage"`` sends junk bytes and ``mode="lying"``
   drafts the argmax while claiming a uniform q̃ (the negative control of the exactness tests).
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import torch
@@ -26,13 +28,17 @@ class TableDevice(ScriptedPeer):
     """Drafts γ tokens from `draft` (top-k, `quant_bits` counts), honestly sampled from q̃."""
 
     def __init__(self, endpoint: str, draft: TableTarget, *, gamma: int = 3, top_k: int = 16,
-                 quant_bits: int = 12, seed: int = 0, name: str = "", **options: Any) -> None:
+                 quant_bits: int = 12, seed: int = 0, name: str = "", delay_s: float = 0.0,
+                 **options: Any) -> None:
         super().__init__(endpoint, draft.vocab_size, name or f"table{seed}", **options)
         self.draft = draft
+        self.delay_s = delay_s
         self.gamma, self.top_k, self.quant_bits = gamma, top_k, quant_bits
         self.gen = torch.Generator().manual_seed(seed)
 
     def on_context(self, request_id: str) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         seq = self.context(request_id)
         temperature = float(self.params[request_id].get("temperature", 1.0))
         cfg = SparsifyConfig(temperature=temperature, top_k=self.top_k, quant_bits=self.quant_bits)

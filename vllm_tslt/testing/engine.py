@@ -10,6 +10,10 @@ is its own generator, never seen by a device (DESIGN.md rule 4).
 ``run`` serves a list of jobs to completion; ``admit`` and ``step`` let a caller drive the loop
 itself (scripts/soak.py keeps a number of requests in flight for a duration). Each step returns a
 ``StepRecord`` with the time spent in hub calls, so a caller can measure the proxy's overhead.
+
+With an ``intake`` (vllm_tslt.edge.intake.Intake) the engine collects as the proposer does with
+``speculative_config.intake``: the policy decides per step whom to wait for, and a parked request
+is left out of the step, as vLLM's scheduler leaves it out (patches/scheduler.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from vllm_tslt.core.verify_ref import (
     multi_candidate_rejection_sample_ref,
 )
 from vllm_tslt.edge.hub import DraftHub
+from vllm_tslt.edge.intake import Intake
 from vllm_tslt.protocol import Draft
 
 
@@ -57,6 +62,9 @@ class EngineStats:
     accepted: dict[str, int] = field(default_factory=dict)  # request_id -> accepted draft tokens
     draft_tokens: int = 0  # draft tokens verified (all requests)
     multi_candidate_steps: int = 0
+    stepped: dict[str, int] = field(default_factory=dict)  # request_id -> steps it ran in
+    parked: dict[str, int] = field(default_factory=dict)  # request_id -> steps left out (intake)
+    waited: dict[str, int] = field(default_factory=dict)  # request_id -> steps that waited for it
 
 
 @dataclass
@@ -73,8 +81,9 @@ class StepRecord:
 
 class BatchEngine:
     def __init__(self, hub: DraftHub, target: Any, deadline_s: float = 0.05, seed: int = 1234,
-                 step_s: float = 0.0) -> None:
+                 step_s: float = 0.0, intake: Intake | None = None) -> None:
         self.hub = hub
+        self.intake = intake
         self.target = target  # .probs(seq, n) -> [n, V]; see vllm_tslt.testing.targets
         self.deadline_s = deadline_s
         self.step_s = step_s  # emulated extra time per engine step (a bigger target)
@@ -113,14 +122,21 @@ class BatchEngine:
         hub_s, self._hub_s = self._hub_s, 0.0
         bound = [rid for rid, a in self.active.items() if a.bound]
         t0 = time.perf_counter()
-        drafts = self.hub.collect(bound, self.deadline_s) if bound else {}
+        drafts, park = self._collect(bound)
         hub_s += time.perf_counter() - t0
         time.sleep(self.step_s)
         self.stats.steps += 1
-        record = StepRecord({}, 0, len(self.active), len(drafts), 0.0)
+        record = StepRecord({}, 0, len(self.active) - len(park), len(drafts), 0.0)
         for rid in list(self.active):
+            if rid in park:
+                self.stats.parked[rid] = self.stats.parked.get(rid, 0) + 1
+                continue
+            self.stats.stepped[rid] = self.stats.stepped.get(rid, 0) + 1
             a = self.active[rid]
-            emitted = self._verify(a, drafts.get(rid))[: a.job.max_tokens - a.generated]
+            emitted = self._verify(a, drafts.get(rid))
+            if self.intake is not None and rid in drafts:
+                self.intake.observe(rid, len(emitted))
+            emitted = emitted[: a.job.max_tokens - a.generated]
             a.seq += emitted
             record.tokens += len(emitted)
             t1 = time.perf_counter()
@@ -128,11 +144,27 @@ class BatchEngine:
                 self.hub.commit(rid, len(a.seq), emitted)
             if a.generated >= a.job.max_tokens:
                 self.hub.end_request(rid, "finished")
+                if self.intake is not None:
+                    self.intake.forget(rid)
                 record.finished[rid] = a.seq[len(a.job.prompt):]
                 del self.active[rid]
             hub_s += time.perf_counter() - t1
         record.hub_s = hub_s
         return record
+
+    def _collect(self, bound: list[str]) -> tuple[dict[str, Draft], list[str]]:
+        """This step's drafts and the requests parked out of it."""
+        if self.intake is None:
+            return (self.hub.collect(bound, self.deadline_s) if bound else {}), []
+        # The step just finished ran every active request but the ones parked out of it.
+        ran = [rid for rid in self.active if rid not in self.intake.parked]
+        batch = [rid for rid in bound if rid not in self.intake.parked]
+        if not batch and not self.intake.parked:
+            return {}, []
+        drafts, park = self.intake.gather(self.hub, batch, len(ran))
+        for rid in self.intake.last_decision.wait_for:
+            self.stats.waited[rid] = self.stats.waited.get(rid, 0) + 1
+        return drafts, park
 
     def _verify(self, a: _Active, draft: Draft | None) -> list[int]:
         greedy = a.job.temperature == 0
