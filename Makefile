@@ -7,7 +7,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test lint models models-base clean-models bench bench-quick
+.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-wire
 
 setup:
 	@bash scripts/setup_env.sh
@@ -31,10 +31,15 @@ models: setup
 models-base: setup
 	$(PY) -m vllm_tslt.cli build-models --pair base
 
-# The side-by-side benchmark on the base pair (docs/benchmarks/e2e/report.md); ~15 minutes here.
-bench: setup models-base
-	$(PY) scripts/bench.py
+# The capacity benchmark: target-only, co-located draft_model and the TSLT edge with a device farm,
+# side by side (docs/benchmarks/capacity/report.md); within 45 minutes here.
+bench: setup models
+	$(PY) scripts/bench_capacity.py
 
-# The same in a small grid (~4 minutes here); writes bench-quick/.
-bench-quick: setup models-base
-	$(PY) scripts/bench.py --quick
+# The same in a small grid (within 10 minutes here); writes bench-quick/capacity/.
+bench-quick: setup models
+	$(PY) scripts/bench_capacity.py --quick
+
+# Wire formats and links on the base pair: TSLT vs DSD vs TK-SLT (docs/benchmarks/e2e/report.md).
+bench-wire: setup models-base
+	$(PY) scripts/bench.py

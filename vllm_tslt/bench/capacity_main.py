@@ -77,13 +77,13 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
     stats = pair.stats()
     pin_this_process(device_cpus)
     sys.setswitchinterval(0.001)  # the farm's loop and the clients share this process's GIL
-    bench = CapacityBench(pair, plan, "", 0.0)
+    hub = f"tcp://127.0.0.1:{free_port()}"
+    bench = CapacityBench(pair, plan, hub, 0.0)
     measured_ms = measure_draft_ms_per_token(
         bench.drafter_for(Cell("calibration", TSLT_P, "4", 1, 0.0, 100.0)))
     draft_ms = measured_ms if draft_ms is None else draft_ms
     print(f"device drafting time: {draft_ms:.2f} ms per chain token (measured for one device: "
           f"{measured_ms:.2f} ms)", flush=True)
-    hub = f"tcp://127.0.0.1:{free_port()}"
     logs = Path(tempfile.gettempdir()) / "vllm-tslt-capacity"
     logs.mkdir(exist_ok=True)
     tslt = {"method": "tslt", "num_speculative_tokens": EDGE_GAMMA_MAX, "bind": hub,
@@ -97,7 +97,7 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
     max_n = max(plan.devices)
     common = {"cpus": edge_cpus, "max_model_len": 512,
               "extra_args": ["--max-num-seqs", str(max(64, 2 * max_n))]}
-    bench.hub, bench.draft_ms = hub, draft_ms
+    bench.draft_ms = draft_ms
     external: dict[str, Any] | None = None
     done, total, t0 = 0, len(todo) + 1, time.perf_counter()
     for i, (name, spec, phase) in enumerate(servers, 1):
@@ -188,7 +188,7 @@ def _summary(rec: dict[str, Any]) -> str:
         + (f", TPOT p95 {p95:.1f} ms" if p95 is not None else "") \
         + (f", acceptance {acc:.3f} ± {ci:.3f} ({rec['acceptance_draft_tokens']} draft tokens)"
            if acc is not None and ci is not None else "") \
-        + (f", farm overruns {100 * rec['farm']['overrun_fraction']:.0f}%"
+        + (f", farm lateness p50 {rec['farm']['lateness_ms_p50'] or 0:.2f} ms"
            if rec.get("farm") else "")
 
 

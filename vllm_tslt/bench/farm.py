@@ -54,15 +54,20 @@ class FarmStats:
     states_extended: int = 0
     overruns: int = 0  # forwards that took longer than the modelled time per token
     forward_s: list[float] = field(default_factory=list)  # real time per batched forward
+    # How long after its modelled end a device's extension was actually finished (sent): the
+    # emulator's own delay on top of the device model (its loop, the real forward, the GIL).
+    lateness_s: list[float] = field(default_factory=list)
 
     def snapshot(self) -> dict[str, Any]:
-        f = self.forward_s
+        f, late = self.forward_s, sorted(self.lateness_s)
         return {"iterations": self.iterations, "forwards": self.forwards,
                 "states_extended": self.states_extended, "overruns": self.overruns,
                 "overrun_fraction": self.overruns / self.forwards if self.forwards else 0.0,
                 "forward_ms_p50": 1e3 * statistics.median(f) if f else None,
                 "forward_ms_max": 1e3 * max(f) if f else None,
-                "mean_batch": self.states_extended / self.forwards if self.forwards else None}
+                "mean_batch": self.states_extended / self.forwards if self.forwards else None,
+                "lateness_ms_p50": 1e3 * late[len(late) // 2] if late else None,
+                "lateness_ms_p95": 1e3 * late[int(0.95 * (len(late) - 1))] if late else None}
 
 
 class DeviceFarm:
@@ -154,6 +159,7 @@ class DeviceFarm:
                 if now < d.busy_until:
                     continue  # inside its modelled forward pass: messages wait
                 d.drafting = False
+                self.stats.lateness_s.append(now - d.busy_until)
                 d.runtime.after_extend()
             rt = d.runtime
             link = rt.client.link
@@ -180,8 +186,9 @@ class DeviceFarm:
         st.states_extended += len(states)
         st.overruns += int(real > self.draft_s)
         st.forward_s.append(real)
-        if len(st.forward_s) > 100_000:
-            del st.forward_s[:50_000]
+        for samples in (st.forward_s, st.lateness_s):
+            if len(samples) > 100_000:
+                del samples[:50_000]
         for d in starting:
             # The device's own model of itself: one chain token per draft_ms_per_token.
             d.runtime.gamma_ctl.observe_draft(1, self.draft_s)

@@ -1,0 +1,331 @@
+"""The capacity benchmark's report: markdown tables and PNG plots from results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vllm_tslt.bench.report_plots import figure
+
+Record = dict[str, Any]
+BASELINES = ("target-only", "colocated draft_model")
+
+
+def system_key(r: Record) -> str:
+    """'TSLT top-p gamma 4' etc.: the system and its γ (γ is part of what a user configures)."""
+    return r["system"] if r["gamma"] in ("-", None) or not r["wire"] else \
+        f"{r['system']} γ={r['gamma']}"
+
+
+def _fmt(x: float | None, spec: str = ".1f", none: str = "—") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _acc(r: Record) -> str:
+    if r["acceptance"] is None:
+        return "—"
+    ci = r["acceptance_ci95"]
+    return (f"{r['acceptance']:.3f} ± {ci:.3f}" if ci is not None else f"{r['acceptance']:.3f}") \
+        + f" [{r['acceptance_draft_tokens']:,} tok, {r['acceptance_rounds']:,} rounds]"
+
+
+def _find(records: list[Record], **where: Any) -> list[Record]:
+    return [r for r in records if all(r.get(k) == v for k, v in where.items())]
+
+
+def _one(records: list[Record], **where: Any) -> Record | None:
+    found = _find(records, **where)
+    return found[0] if found else None
+
+
+def batch1_tpot(data: dict[str, Any]) -> float | None:
+    cal = _one(data["records"], experiment="calibration")
+    return cal["tpot_p50_ms"] if cal else None
+
+
+def capacity_at_slo(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per RTT/step and system: the largest N whose p95 TPOT is within slo_factor × target-only's
+    batch-1 TPOT (None: not even N = 1), with the tokens/s it sustains there."""
+    slo = data["meta"]["plan"]["slo_factor"] * (batch1_tpot(data) or 0.0)
+    cap = _find(data["records"], experiment="capacity")
+    out = []
+    for rtt in sorted({r["rtt_over_step"] for r in cap}):
+        rows = [r for r in cap if r["rtt_over_step"] == rtt]
+        for key in _ordered_systems(rows):
+            mine = sorted((r for r in rows if system_key(r) == key),
+                          key=lambda r: r["num_devices"])
+            ok = [r for r in mine if r["tpot_p95_ms"] is not None and r["tpot_p95_ms"] <= slo]
+            best = max(ok, key=lambda r: r["num_devices"]) if ok else None
+            out.append({"rtt_over_step": rtt, "system": key, "slo_ms": slo,
+                        "max_devices": best["num_devices"] if best else None,
+                        "server_tokens_per_s": best["server_tokens_per_s"] if best else None,
+                        "tested": [r["num_devices"] for r in mine]})
+    return out
+
+
+def _ordered_systems(rows: list[Record]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        k = system_key(r)
+        if k not in keys:
+            keys.append(k)
+    return sorted(keys, key=lambda k: (k not in BASELINES, BASELINES.index(k) if k in BASELINES
+                                       else 0, k))
+
+
+def ratio_table(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """TSLT server tokens/s ÷ target-only and ÷ co-located draft_model, per N and RTT/step."""
+    cap = _find(data["records"], experiment="capacity")
+    out = []
+    for rtt in sorted({r["rtt_over_step"] for r in cap}):
+        for n in sorted({r["num_devices"] for r in cap}):
+            cell = [r for r in cap if r["rtt_over_step"] == rtt and r["num_devices"] == n]
+            base = _one(cell, system="target-only")
+            colo = _one(cell, system="colocated draft_model")
+            for r in cell:
+                if not r["wire"] or r["server_tokens_per_s"] is None:
+                    continue
+                out.append({
+                    "rtt_over_step": rtt, "num_devices": n, "system": system_key(r),
+                    "server_tokens_per_s": r["server_tokens_per_s"],
+                    "vs_target_only": r["server_tokens_per_s"] / base["server_tokens_per_s"]
+                    if base and base["server_tokens_per_s"] else None,
+                    "vs_colocated": r["server_tokens_per_s"] / colo["server_tokens_per_s"]
+                    if colo and colo["server_tokens_per_s"] else None})
+    return out
+
+
+def sweep_table(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One device: per-client tokens/s of TSLT top-p ÷ target-only's at the same RTT."""
+    recs = data["records"]
+    one = [r for r in recs if r["num_devices"] == 1 and r["experiment"] in ("capacity", "sweep")]
+    out = []
+    for r in one:
+        if r["system"] != "TSLT top-p":
+            continue
+        base = _one(one, system="target-only", rtt_over_step=r["rtt_over_step"])
+        out.append({"rtt_over_step": r["rtt_over_step"], "rtt_ms": r["rtt_ms"],
+                    "uplink_mbps": r["uplink_mbps"], "gamma": r["gamma"],
+                    "tokens_per_s": r["tokens_per_s_per_client"],
+                    "speedup": r["tokens_per_s_per_client"] / base["tokens_per_s_per_client"]
+                    if base and base["tokens_per_s_per_client"] and r["tokens_per_s_per_client"]
+                    else None,
+                    "acceptance": r["acceptance"], "acceptance_ci95": r["acceptance_ci95"],
+                    "draft_tokens": r["acceptance_draft_tokens"]})
+    return sorted(out, key=lambda x: (x["gamma"], x["uplink_mbps"], x["rtt_over_step"]))
+
+
+def write_report(data: dict[str, Any], out: Path) -> Path:
+    meta, _recs = data["meta"], data["records"]
+    plan = meta["plan"]
+    b1 = batch1_tpot(data)
+    lines = [
+        "# Capacity: the TSLT edge vs target-only and co-located drafting", "",
+        f"Command: `{meta['command']}` ({meta['duration_s'] / 60:.0f} min)  ",
+        f"Machine: {meta['machine']}; started {meta['started']}  ",
+        f"Pinning: {meta['pinning']}  ",
+        f"Pair: `{meta['pair']}` {meta['pair_stats']}", "",
+        f"**Units.** The edge's plain step is target-only's median TPOT at batch 1 with no link: "
+        f"**{_fmt(b1, '.2f')} ms**. Links are given as RTT / plain step (absolute RTT in the "
+        f"tables). Devices draft at a modelled **{meta['device_draft_ms_per_token']:.2f} ms per "
+        f"chain token** (measured for one device on this machine: "
+        f"{meta['device_draft_ms_per_token_measured']:.2f} ms); the device farm batches all "
+        "devices' forwards into one. *Farm lateness* is how long after its modelled end a "
+        "device's chain token was actually sent: the emulator's own delay on top of the device "
+        "model (its loop, the real forward, the GIL); where it is comparable to the modelled "
+        "time, the emulator, not the device model, set the pace.",
+        "",
+        f"**Cells.** N closed-loop clients (client i uses device i), {plan['max_tokens']} tokens "
+        f"per request (`ignore_eos`), temperature {plan['temperature']}; a {plan['warmup_s']:g} s "
+        f"warm-up, then a window of at least {plan['min_window_s']:g} s that runs on until the "
+        f"acceptance's 95% CI is within ±{plan['ci_goal']:.2f} (at most {plan['max_window_s']:g} "
+        "s). Server tokens/s counts tokens streamed inside the window. Acceptance = accepted / "
+        "drafted tokens over the window; its CI treats rounds (not tokens) as the independent "
+        "units (TSLT: the edge's per-round moments on /metrics; co-located: vLLM's per-position "
+        "counters). The figures in brackets are the draft tokens and rounds behind it.", "",
+    ]
+    lines += _answer_section(data)
+    lines += _slo_section(data, b1)
+    lines += _capacity_sections(data)
+    lines += _sweep_section(data)
+    lines += _external_section(meta)
+    plots = write_plots(data, out)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _answer_section(data: dict[str, Any]) -> list[str]:
+    rows = ratio_table(data)
+    lines = ["## Server tokens/s of the TSLT edge ÷ target-only and ÷ co-located draft_model", "",
+             "| RTT / step | devices | system | server tok/s | ÷ target-only | ÷ co-located |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['rtt_over_step']:g} | {r['num_devices']} | {r['system']} | "
+                     f"{r['server_tokens_per_s']:.0f} | {_fmt(r['vs_target_only'], '.2f')}× | "
+                     f"{_fmt(r['vs_colocated'], '.2f')}× |")
+    return [*lines, ""]
+
+
+def _slo_section(data: dict[str, Any], b1: float | None) -> list[str]:
+    rows = capacity_at_slo(data)
+    if not rows:
+        return []
+    slo = rows[0]["slo_ms"]
+    lines = [f"## Capacity at the SLO: p95 TPOT ≤ {data['meta']['plan']['slo_factor']:g} × "
+             f"target-only's batch-1 TPOT = {slo:.1f} ms", "",
+             "Largest number of devices (closed-loop clients) tested whose p95 TPOT stays within "
+             "the SLO, and the server tokens/s there.", "",
+             "| RTT / step | system | devices within SLO | server tok/s there | tested |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['rtt_over_step']:g} | {r['system']} | "
+                     f"{r['max_devices'] if r['max_devices'] is not None else 'none'} | "
+                     f"{_fmt(r['server_tokens_per_s'], '.0f')} | "
+                     f"{', '.join(map(str, r['tested']))} |")
+    return [*lines, ""]
+
+
+def _capacity_sections(data: dict[str, Any]) -> list[str]:
+    cap = _find(data["records"], experiment="capacity")
+    lines: list[str] = []
+    for rtt in sorted({r["rtt_over_step"] for r in cap}):
+        rows = [r for r in cap if r["rtt_over_step"] == rtt]
+        ex = rows[0]
+        lines += [f"## Capacity at RTT = {rtt:g} × step ({ex['rtt_ms']:.1f} ms), uplink "
+                  f"{ex['uplink_mbps']:g} Mbit/s", "",
+                  "| system | devices | server tok/s | ÷ target-only | TPOT p50 / p95 ms | "
+                  "TTFT p50 ms | acceptance ± 95% CI [draft tokens, rounds] | edge step ms | "
+                  "draft tok / step | farm lateness p50 / p95 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for key in _ordered_systems(rows):
+            for r in sorted((r for r in rows if system_key(r) == key),
+                            key=lambda r: r["num_devices"]):
+                base = _one(rows, system="target-only", num_devices=r["num_devices"])
+                ratio = r["server_tokens_per_s"] / base["server_tokens_per_s"] \
+                    if base and base["server_tokens_per_s"] and r["server_tokens_per_s"] else None
+                farm = r.get("farm") or {}
+                lines.append(
+                    f"| {key} | {r['num_devices']} | {_fmt(r['server_tokens_per_s'], '.0f')} | "
+                    f"{_fmt(ratio, '.2f')} | {_fmt(r['tpot_p50_ms'])} / {_fmt(r['tpot_p95_ms'])}"
+                    f" | {_fmt(r['ttft_p50_ms'], '.0f')} | {_acc(r)} | "
+                    f"{_fmt(r['edge_step_ms'])} | {_fmt(r['draft_tokens_per_step'], '.2f')} | "
+                    + (f"{_fmt(farm.get('lateness_ms_p50'), '.2f')} / "
+                       f"{_fmt(farm.get('lateness_ms_p95'), '.2f')} ms (batch "
+                       f"{_fmt(farm.get('mean_batch'))}, forward p50 "
+                       f"{_fmt(farm.get('forward_ms_p50'), '.2f')} ms)" if farm else "—") + " |")
+        lines.append("")
+    return lines
+
+
+def _sweep_section(data: dict[str, Any]) -> list[str]:
+    rows = sweep_table(data)
+    if not rows:
+        return []
+    lines = ["## One device across links: TSLT top-p tokens/s ÷ target-only at the same RTT", "",
+             "| γ | uplink Mbit/s | RTT / step | RTT ms | tok/s per client | speedup | acceptance "
+             "± CI [draft tokens] |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        acc = "—" if r["acceptance"] is None else (
+            f"{r['acceptance']:.3f} ± {_fmt(r['acceptance_ci95'], '.3f')} [{r['draft_tokens']:,}]")
+        lines.append(f"| {r['gamma']} | {r['uplink_mbps']:g} | {r['rtt_over_step']:g} | "
+                     f"{r['rtt_ms']:.1f} | {_fmt(r['tokens_per_s'])} | "
+                     f"{_fmt(r['speedup'], '.2f')}× | {acc} |")
+    return [*lines, ""]
+
+
+def _external_section(meta: dict[str, Any]) -> list[str]:
+    ext = meta.get("external_check")
+    if not ext:
+        return []
+    serve = ext["vllm_bench_serve"]
+    return ["## External check: vLLM's own client", "",
+            f"target-only, {ext['num_clients']} concurrent clients, no link: this benchmark's "
+            f"closed-loop clients measured {ext['this_benchmark']['server_tokens_per_s']:.0f} "
+            f"tok/s (TPOT p50 {ext['this_benchmark']['tpot_p50_ms']:.1f} ms); `vllm bench serve "
+            f"--max-concurrency {ext['num_clients']}` measured "
+            f"{serve['output_throughput']:.0f} tok/s (median TPOT {serve['median_tpot_ms']:.1f} "
+            f"ms, {serve['completed']} requests): ratio {_fmt(ext['ratio'], '.2f')}.", ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def write_plots(data: dict[str, Any], out: Path) -> list[Path]:
+    paths = []
+    for fn in (_plot_tokens_vs_devices, _plot_speedup_vs_rtt, _plot_capacity_bars):
+        p = fn(data, out)
+        if p is not None:
+            paths.append(p)
+    return paths
+
+
+def _plot_tokens_vs_devices(data: dict[str, Any], out: Path) -> Path | None:
+    cap = _find(data["records"], experiment="capacity")
+    rtts = sorted({r["rtt_over_step"] for r in cap})
+    if not rtts:
+        return None
+    fig, axes = figure(len(rtts))
+    for ax, rtt in zip(axes, rtts):
+        rows = [r for r in cap if r["rtt_over_step"] == rtt]
+        for i, key in enumerate(_ordered_systems(rows)):
+            mine = sorted((r for r in rows if system_key(r) == key and r["server_tokens_per_s"]),
+                          key=lambda r: r["num_devices"])
+            ax.plot([r["num_devices"] for r in mine], [r["server_tokens_per_s"] for r in mine],
+                    marker="o", label=key, color=f"C{i}",
+                    linestyle="--" if key in BASELINES else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("devices (closed-loop clients)")
+        ax.set_ylabel("server tokens/s")
+        ax.set_title(f"RTT = {rtt:g} × plain step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    path = out / "tokens_vs_devices.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_speedup_vs_rtt(data: dict[str, Any], out: Path) -> Path | None:
+    rows = [r for r in sweep_table(data) if r["speedup"] is not None]
+    if not rows:
+        return None
+    fig, axes = figure(1)
+    ax = axes[0]
+    for i, (gamma, up) in enumerate(sorted({(r["gamma"], r["uplink_mbps"]) for r in rows})):
+        mine = sorted((r for r in rows if r["gamma"] == gamma and r["uplink_mbps"] == up),
+                      key=lambda r: r["rtt_over_step"])
+        ax.plot([r["rtt_over_step"] for r in mine], [r["speedup"] for r in mine], marker="o",
+                color=f"C{i}", label=f"γ={gamma}, {up:g} Mbit/s up")
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("RTT / edge plain step")
+    ax.set_ylabel("tokens/s ÷ target-only (one device)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "speedup_vs_rtt.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_capacity_bars(data: dict[str, Any], out: Path) -> Path | None:
+    rows = capacity_at_slo(data)
+    if not rows:
+        return None
+    rtts = sorted({r["rtt_over_step"] for r in rows})
+    fig, axes = figure(len(rtts))
+    for ax, rtt in zip(axes, rtts):
+        mine = [r for r in rows if r["rtt_over_step"] == rtt]
+        ax.barh([r["system"] for r in mine], [r["server_tokens_per_s"] or 0 for r in mine],
+                color=[f"C{i}" for i in range(len(mine))])
+        for y, r in enumerate(mine):
+            ax.text(0, y, f" N={r['max_devices'] if r['max_devices'] is not None else 'none'}",
+                    va="center", fontsize=7)
+        ax.set_xlabel("server tokens/s at the largest N within the SLO")
+        ax.set_title(f"RTT = {rtt:g} × step")
+    path = out / "capacity_at_slo.png"
+    fig.savefig(path, dpi=110)
+    return path
