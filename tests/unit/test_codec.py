@@ -29,14 +29,17 @@ from vllm_tslt.protocol import (
     ProtocolError,
     Reason,
     RequestStart,
+    compiled,
     decode,
     encode,
     prefix_hash,
     refusal_frame,
+    sparse_payload,
     vocab_fingerprint,
 )
 from vllm_tslt.protocol.baselines import decode_dsd, decode_tkslt, encode_dsd, encode_tkslt
 from vllm_tslt.protocol.codec import pack_frame
+from vllm_tslt.protocol.entropy import Decoder
 from vllm_tslt.protocol.sparse_payload import pack_rows
 
 pytestmark = pytest.mark.unit
@@ -94,6 +97,20 @@ def test_draft_round_trip_property(gamma, m, bits, k, vocab, seed, scale) -> Non
     draft = Draft(1, 5, 9, cands[:, 0].clone(), q, cands[:, 1:].clone() if m > 1 else None)
     limits = DecodeLimits(vocab_size=vocab, max_k=64, max_gamma=8, max_candidates=4)
     assert_same_draft(draft, decode(encode(draft), limits))
+    if compiled.AVAILABLE:  # the edge's compiled decoder (151936: gaps past 16 bits, split fields)
+        fields = msgpack.unpackb(encode(draft))[5:]
+        q, tokens, alts = sparse_payload._decode_compiled(
+            compiled_kernels(), Decoder(fields[6]), *fields[:6], limits)
+        assert_same_draft(draft, Draft(1, 5, 9, tokens, q, alts))
+
+
+def compiled_kernels() -> dict:
+    """The compiled draft decoder's kernels, compiled now (tests/unit/test_fuzz_codec.py)."""
+    if not compiled._ready:
+        fn = compiled.kernels()
+        sparse_payload._warm_up(fn)
+        compiled._ready.update(fn)
+    return compiled._ready
 
 
 def test_other_messages_round_trip() -> None:

@@ -28,8 +28,10 @@ from vllm_tslt.protocol import (
     ProtocolError,
     Reason,
     RequestStart,
+    compiled,
     decode,
     encode,
+    sparse_payload,
 )
 from vllm_tslt.protocol.entropy import NUM_TABLE_PAIRS
 from vllm_tslt.protocol.sparse_payload import pack_rows
@@ -41,7 +43,9 @@ LIMITS = DecodeLimits(vocab_size=V, max_k=32, max_gamma=8, max_candidates=4,
                       max_payload_bytes=1 << 16, max_prompt_len=4096)
 MAX_DECODE_S = 2.0  # "never hangs": every decode of these small inputs is far below this
 # derandomize: the same examples every run (reproducible CI, exact counts in docs/security.md).
-SETTINGS = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
+# function_scoped_fixture: the draft_decoder fixture below is meant to hold for all examples.
+SETTINGS = {"deadline": None, "derandomize": True,
+            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]}
 INT_EDGES = st.sampled_from([0, 1, -1, 2, 7, 8, 9, 31, 32, 33, 255, 256, 2**16, 2**31 - 1, 2**31,
                              2**32 - 1, 2**32, 2**40, 2**40 + 1, 2**63 - 1, -(2**63), 2**64 - 1])
 ANY_INT = st.one_of(INT_EDGES, st.integers(-(2**63), 2**64 - 1))
@@ -65,6 +69,30 @@ VALID_FRAMES = [encode(msg) for msg in (
     End(1, "finished"),
     Error("bad_counts", "row 2", "req-1"),
 )]
+
+
+@pytest.fixture(params=["numpy", "compiled"], autouse=True)
+def draft_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every fuzz target runs through both draft decoders: the numpy reference and the compiled
+    fast path (protocol/compiled.py) that the edge switches to once numba has compiled it."""
+    if request.param == "numpy":
+        monkeypatch.setattr(sparse_payload, "USE_COMPILED", False)
+    elif not compiled.AVAILABLE:
+        pytest.skip("numba is not installed here, so the compiled draft decoder is never used")
+    else:
+        kernels = _compiled_kernels()
+        monkeypatch.setattr(sparse_payload, "USE_COMPILED", True)
+        monkeypatch.setattr(compiled, "ready", lambda warm_up: kernels)
+    return request.param
+
+
+def _compiled_kernels() -> dict:
+    """The compiled kernels, compiled now (not in a background thread, not inside a timed decode)."""
+    if not compiled._ready:
+        fn = compiled.kernels()
+        sparse_payload._warm_up(fn)
+        compiled._ready.update(fn)
+    return compiled._ready
 
 
 def assert_valid_message(msg, limits: DecodeLimits = LIMITS) -> None:
@@ -232,6 +260,35 @@ def test_handcrafted_sparse_payloads(header_payload, prefix_hash: int) -> None:
     frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 5, prefix_hash, *header,
                            payload], use_bin_type=True)
     decode_or_refuse(frame)
+
+
+def _outcome(frame: bytes) -> tuple:
+    """What decode makes of a frame: the refusal's reason, or the decoded draft's arrays."""
+    try:
+        d = decode(frame, LIMITS)
+    except ProtocolError as e:
+        return ("refused", e.reason)
+    alts = None if d.alternatives is None else d.alternatives.tolist()
+    return ("ok", d.q.indices.tolist(), d.q.counts.tolist(), d.q.indices.dtype, d.q.counts.dtype,
+            d.tokens.tolist(), d.tokens.dtype, alts)
+
+
+@settings(max_examples=400, **SETTINGS)
+@given(handcrafted_payload())
+def test_compiled_decoder_matches_numpy(draft_decoder: str, header_payload) -> None:
+    """The compiled decoder is the numpy reference's twin: the same drafts, the same refusals."""
+    if draft_decoder == "numpy":
+        return  # NOTE: compares both decoders itself; runs under the "compiled" parameter only
+    header, payload = header_payload
+    frame = msgpack.packb([PROTOCOL_VERSION, int(MsgType.DRAFT), 1, 5, 9, *header, payload],
+                          use_bin_type=True)
+    fast = _outcome(frame)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sparse_payload, "USE_COMPILED", False)
+        reference = _outcome(frame)
+    assert fast == reference
+    if currently_in_test_context():
+        event(f"{fast[0]}:{fast[1]}" if fast[0] == "refused" else "ok")
 
 
 def test_out_of_range_counts_and_columns_are_refused_by_reason() -> None:

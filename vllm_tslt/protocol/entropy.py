@@ -16,6 +16,7 @@ is integer/IEEE code. A library upgrade that changed that quantization would cha
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -190,14 +191,19 @@ class Encoder:
         return coder.get_compressed().astype("<u4", copy=False).tobytes()
 
 
+_WORDS = np.dtype("<u4")  # the payload's 32-bit words
+_LITTLE_ENDIAN = sys.byteorder == "little"  # constriction takes native uint32
+
+
 class Decoder:
     """Pops sections in order; any failure inside the coder is ``ProtocolError(BAD_BITSTREAM)``."""
 
     def __init__(self, data: bytes) -> None:
         if len(data) % 4:
             raise ProtocolError(Reason.BAD_BITSTREAM, f"{len(data)} bytes is not whole 32-bit words")
+        words = np.frombuffer(data, dtype=_WORDS)
         try:
-            self._coder = _AnsCoder(np.frombuffer(data, dtype="<u4").astype(np.uint32, copy=False))
+            self._coder = _AnsCoder(words if _LITTLE_ENDIAN else words.astype(np.uint32))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # NOTE: a Rust panic is pyo3's PanicException (BaseException)

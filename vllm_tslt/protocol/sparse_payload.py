@@ -31,16 +31,19 @@ import numpy as np
 import torch
 
 from vllm_tslt.core.sparsify import MAX_QUANT_BITS, PAD_ID, SparseQ
+from vllm_tslt.protocol import compiled
 from vllm_tslt.protocol.entropy import (
     COUNT_BUCKETS,
     COUNT_TABLES,
     GAP_BUCKETS,
     GAP_TABLES,
+    MANTISSA_SPLIT,
     NUM_COUNT_TABLES,
     Decoder,
     Encoder,
     bit_length,
     bucket_probs,
+    bucket_table,
     head_sizes,
     join_mantissas,
     narrow_fields,
@@ -52,6 +55,10 @@ from vllm_tslt.protocol.errors import ProtocolError, Reason, get_bin, get_int
 # dozen entries, so every numpy call costs more than its arithmetic. Per-row values (k, table
 # choices) are Python lists, entry values are flat numpy arrays in row-major order, and the padded
 # [γ, max k] layout is built with one boolean mask; the coder is called once per section.
+
+# Decode with the compiled loops (compiled.py) when numba is there; tests switch it off to run the
+# numpy reference.
+USE_COMPILED = compiled.AVAILABLE
 
 _COLS = np.arange(1 << MAX_QUANT_BITS)  # column numbers, sliced to a draft's width
 _MAX_INDEX = (1 << 32) - 1
@@ -192,6 +199,8 @@ def decode_sparse_rows(
     validated."""
     gamma, m, b, kw, ga, ca = _header(fields, limits)
     dec = Decoder(get_bin(fields[6], "payload"))
+    if USE_COMPILED and (fn := compiled.ready(_warm_up)) is not None:
+        return _decode_compiled(fn, dec, gamma, m, b, kw, ga, ca, limits)
 
     head = dec.uniform(head_sizes(kw, gamma)).tolist()
     k, pairs = ([n + 1 for n in head[:gamma]], head[gamma:]) if kw else ([1] * gamma, head)
@@ -203,6 +212,39 @@ def decode_sparse_rows(
     bits[sum(k):] += 1  # count buckets: bit_length(count) - 1
     values = join_mantissas(bits, dec.uniform, narrow_fields(ga, ca))  # gaps, then counts but the last
     return _rows_from_values(values, k, m, b, limits.vocab_size, dec)
+
+
+def _decode_compiled(fn: dict[str, Any], dec: Decoder, gamma: int, m: int, b: int, kw: int, ga: int,
+                     ca: int, limits: Any) -> tuple[SparseQ, torch.Tensor, torch.Tensor | None]:
+    """decode_sparse_rows with compiled loops between the coder's calls (compiled.py); the same
+    results and refusals as the numpy code below."""
+    head = dec.uniform(head_sizes(kw, gamma))
+    k, width, probs = fn["layout"](head, gamma, kw, bucket_table(ga, ca), NUM_COUNT_TABLES)
+    if width > min(limits.max_k, limits.vocab_size, 1 << b):
+        raise ProtocolError(Reason.TOO_LARGE, f"support size {width} > max_k, vocab_size "
+                            "or 2**quant_bits")
+    bits = dec.categorical(probs)  # [N + N - γ] int32
+    mant = dec.uniform(fn["mantissa_sizes"](bits, int(k.sum()), MANTISSA_SPLIT))
+    indices, counts, col_probs, status = fn["build_rows"](bits, mant, k, b, limits.vocab_size, m,
+                                                          MANTISSA_SPLIT)
+    if status == compiled.BAD_INDICES:
+        raise ProtocolError(Reason.BAD_INDICES, f"an index >= vocab_size {limits.vocab_size}")
+    if status == compiled.BAD_COUNTS:
+        raise ProtocolError(Reason.BAD_COUNTS, "counts exceeding 2**quant_bits")
+    cands, inside = fn["pick"](indices, k, dec.categorical(col_probs), m)  # [γ, m] int64
+    if not inside:
+        raise ProtocolError(Reason.NOT_IN_SUPPORT, "a draft token's column is outside its support")
+    dec.finish()
+    q = SparseQ(torch.from_numpy(indices), torch.from_numpy(counts), b)
+    return q, torch.from_numpy(cands[:, 0]), torch.from_numpy(cands[:, 1:]) if m > 1 else None
+
+
+def _warm_up(fn: dict[str, Any]) -> None:
+    """Compile the kernels by decoding one small draft (rows with k = 1 and k = 2) with them."""
+    payload, header = pack_rows(np.array([1, 2]), np.array([3, 0, 4]), np.array([1]),
+                                np.array([[0], [1]]), 1)
+    limits = type("Limits", (), {"max_k": 2, "vocab_size": 16})()
+    _decode_compiled(fn, Decoder(payload), *header, limits)
 
 
 def _rows_from_values(values: np.ndarray, k: list[int], m: int, b: int, vocab_size: int,
