@@ -45,6 +45,9 @@ EDGE_GAMMA_MAX = 8
 COLOCATED_GAMMA = 4
 MOMENTS = ("verify_rounds", "round_draft_tokens", "round_accepted", "round_accepted_sq",
            "round_accepted_x_draft", "round_draft_sq")  # the edge's per-round moments
+# The edge's own time per step: waiting for drafts, and the proxy's work outside the wait.
+EDGE_TIMES = ("draft_wait_microseconds", "proxy_overhead_microseconds", "proxy_steps")
+MIN_ROUNDS = 10  # fewer verified rounds by the window's minimum: speculation is (mostly) off
 TSLT_SYSTEMS = ((TSLT_P, "4"), (TSLT_P, "auto"), (TSLT_K, "4"), (TSLT_K, "auto"))
 
 
@@ -166,7 +169,7 @@ def quantile(xs: list[float], q: float) -> float | None:
 
 def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0, "steps": 0.0,
-                           "per_pos": {}, **{k: 0.0 for k in MOMENTS}}
+                           "per_pos": {}, **{k: 0.0 for k in (*MOMENTS, *EDGE_TIMES)}}
     names = {"vllm:spec_decode_num_drafts_total": "drafts",
              "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
              "vllm:spec_decode_num_accepted_tokens_total": "accepted",
@@ -175,7 +178,8 @@ def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
         name, _, labels = key.partition("{")
         if name in names:
             out[names[name]] += value
-        elif name.startswith("vllm_tslt_") and name[10:].removesuffix("_total") in MOMENTS:
+        elif name.startswith("vllm_tslt_") and \
+                name[10:].removesuffix("_total") in (*MOMENTS, *EDGE_TIMES):
             out[name[10:].removesuffix("_total")] += value
         elif name == "vllm:spec_decode_num_accepted_tokens_per_pos_total":
             pos = int(labels.split('position="')[1].split('"')[0])
@@ -185,7 +189,7 @@ def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
 
 def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     out = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted", "steps",
-                                             *MOMENTS)}
+                                             *MOMENTS, *EDGE_TIMES)}
     out["per_pos"] = [after["per_pos"].get(j, 0.0) - before["per_pos"].get(j, 0.0)
                       for j in sorted(after["per_pos"])]
     return out
@@ -343,8 +347,10 @@ class CapacityBench:
         def ci_now() -> float | None:
             if not (farm is not None or cell.system is COLOCATED) or not before:
                 return None
-            ci = self._acceptance(cell, counters_delta(spec_counters(scrape_metrics(url)),
-                                                       before))[1]
+            delta = counters_delta(spec_counters(scrape_metrics(url)), before)
+            if delta["verify_rounds" if farm is not None else "drafts"] < MIN_ROUNDS:
+                return None  # speculation off (adaptive γ): no acceptance to measure
+            ci = self._acceptance(cell, delta)[1]
             return math.inf if ci is None else ci
 
         try:
@@ -376,6 +382,10 @@ class CapacityBench:
             "edge_steps": steps,
             "edge_step_ms": 1e3 * summary["window_s"] / steps if steps else None,
             "draft_tokens_per_step": delta["draft_tokens"] / steps if steps else None,
+            "edge_wait_ms_per_step": delta["draft_wait_microseconds"] / 1e3
+            / delta["proxy_steps"] if delta["proxy_steps"] else None,
+            "edge_proxy_ms_per_step": delta["proxy_overhead_microseconds"] / 1e3
+            / delta["proxy_steps"] if delta["proxy_steps"] else None,
             "edge_plain_step_ms_reported": _median_of(g.get("target_step_ms") for g in gamma_snaps),
             "edge_verify_ms_per_token": _median_of(g.get("edge_verify_ms_per_token")
                                                    for g in gamma_snaps),

@@ -197,8 +197,8 @@ def _capacity_sections(data: dict[str, Any]) -> list[str]:
         lines += [f"## Capacity at RTT = {rtt:g} × step ({ex['rtt_ms']:.1f} ms), uplink "
                   f"{ex['uplink_mbps']:g} Mbit/s", "",
                   "| system | devices | server tok/s | ÷ target-only | TPOT p50 / p95 ms | "
-                  "TTFT p50 ms | acceptance ± 95% CI [draft tokens, rounds] | edge step ms | "
-                  "draft tok / step | farm lateness p50 / p95 |",
+                  "TTFT p50 ms | acceptance ± 95% CI [draft tokens, rounds] | edge step ms (of which "
+                  "waiting for drafts / proxy) | draft tok / step | farm lateness p50 / p95 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for key in _ordered_systems(rows):
             for r in sorted((r for r in rows if system_key(r) == key),
@@ -211,13 +211,19 @@ def _capacity_sections(data: dict[str, Any]) -> list[str]:
                     f"| {key} | {r['num_devices']} | {_fmt(r['server_tokens_per_s'], '.0f')} | "
                     f"{_fmt(ratio, '.2f')} | {_fmt(r['tpot_p50_ms'])} / {_fmt(r['tpot_p95_ms'])}"
                     f" | {_fmt(r['ttft_p50_ms'], '.0f')} | {_acc(r)} | "
-                    f"{_fmt(r['edge_step_ms'])} | {_fmt(r['draft_tokens_per_step'], '.2f')} | "
+                    f"{_fmt(r['edge_step_ms'])}{_edge_parts(r)} | "
+                    f"{_fmt(r['draft_tokens_per_step'], '.2f')} | "
                     + (f"{_fmt(farm.get('lateness_ms_p50'), '.2f')} / "
                        f"{_fmt(farm.get('lateness_ms_p95'), '.2f')} ms (batch "
                        f"{_fmt(farm.get('mean_batch'))}, forward p50 "
                        f"{_fmt(farm.get('forward_ms_p50'), '.2f')} ms)" if farm else "—") + " |")
         lines.append("")
     return lines
+
+
+def _edge_parts(r: Record) -> str:
+    wait, proxy = r.get("edge_wait_ms_per_step"), r.get("edge_proxy_ms_per_step")
+    return "" if wait is None or proxy is None else f" ({wait:.1f} / {proxy:.1f})"
 
 
 def _sweep_section(data: dict[str, Any]) -> list[str]:
