@@ -24,8 +24,13 @@ tests/statistical/test_branch_exactness.py.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from vllm_tslt.agent.drafter import Drafter, DraftState
 
 MAX_BRANCH_BUDGET = 8  # branches per round (the hub keeps MAX_PENDING_DRAFTS per request)
 # "auto" budgets: at most this many. Branches cost device compute too (one batched extension of
@@ -33,6 +38,15 @@ MAX_BRANCH_BUDGET = 8  # branches per round (the hub keeps MAX_PENDING_DRAFTS pe
 # which the uplink rule does not see; 2 had the best hit rate per uplink byte there. Issue 14
 # item 3 (adaptive control of γ and the budget) is where a compute-aware choice belongs.
 AUTO_BRANCH_CAP = 2
+
+
+@dataclass
+class Branch:
+    """A forked state drafting for one outcome of the verification in flight."""
+
+    state: DraftState  # committed_len = the length of the prefix it assumes
+    gamma: int
+    sent: Any = None  # the runtime's SentDraft once sent
 
 
 def level_quotas(alpha: float, gamma: int, budget: int) -> list[int]:
@@ -92,3 +106,33 @@ def plan_branches(rows: list[tuple[torch.Tensor, torch.Tensor]], chain: list[int
         carry = quota + carry - len(guesses)
         plan += [(j, t) for t in guesses]
     return plan
+
+
+def fork_branches(drafter: Drafter, state: DraftState, plan: list[tuple[int, int]],
+                  gamma_of: Callable[[int], int]) -> list[Branch]:
+    """One Branch per planned (level j, token): ``state`` forked at committed_len + j with the
+    token appended, drafting ``gamma_of(keep)`` tokens (branches with fewer than 1 are skipped)."""
+    out = []
+    for j, token in plan:
+        keep = state.committed_len + j
+        gamma = gamma_of(keep)
+        if gamma >= 1:
+            out.append(Branch(drafter.fork(state, keep, token), gamma))
+    return out
+
+
+def match_branch(branches: list[Branch], old_len: int, committed_len: int,
+                 new_tokens: Sequence[int]) -> tuple[Branch | None, int]:
+    """(the branch whose assumed prefix a commit of ``new_tokens`` after ``old_len`` committed
+    tokens equals, or None; how many *sent* branches that commit missed). Branches are forked at
+    the request's committed length, so their tokens[:old_len] are the request's."""
+    new = list(new_tokens)
+    hit, misses = None, 0
+    for b in branches:
+        s = b.state
+        if hit is None and s.committed_len == committed_len == old_len + len(new) and \
+                s.tokens[old_len:committed_len] == new:
+            hit = b
+        elif b.sent is not None:
+            misses += 1
+    return hit, misses

@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_tslt.agent.adaptive import AdaptiveConfig, GammaController
-from vllm_tslt.agent.branches import AUTO_BRANCH_CAP, plan_branches
+from vllm_tslt.agent.branches import (
+    AUTO_BRANCH_CAP,
+    Branch,
+    fork_branches,
+    match_branch,
+    plan_branches,
+)
 from vllm_tslt.agent.client import EdgeClient, HandshakeRefused
 from vllm_tslt.agent.config import AgentConfig
 from vllm_tslt.agent.drafter import CommitMismatch, Drafter, DraftState
@@ -68,15 +74,6 @@ class SentDraft:
     tokens: list[int]
     sent_at: float
     num_bytes: int
-
-
-@dataclass
-class Branch:
-    """A forked state drafting for one outcome of the verification in flight."""
-
-    state: DraftState  # committed_len = the length of the prefix it assumes
-    gamma: int
-    sent: SentDraft | None = None
 
 
 @dataclass
@@ -301,16 +298,9 @@ class DraftRuntime:
         """Drop the request's branches; return the one whose prefix the commit equals, if any.
         Counts the round's sent branches that missed."""
         branches, track.branches, track.planned_levels = track.branches, [], 0
-        old = track.state.committed_len
-        new = list(msg.new_tokens)
-        hit = None
-        for b in branches:
-            s = b.state
-            if hit is None and s.committed_len == msg.committed_len == old + len(new) and \
-                    s.tokens[old:s.committed_len] == new:
-                hit = b  # its tokens[:old] are the request's: forked at this committed length
-            elif b.sent is not None:
-                self.counters["branch_misses"] += 1
+        hit, misses = match_branch(branches, track.state.committed_len, msg.committed_len,
+                                   msg.new_tokens)
+        self.counters["branch_misses"] += misses
         self.counters["branch_rounds"] += int(any(b.sent is not None for b in branches))
         return hit
 
@@ -343,14 +333,21 @@ class DraftRuntime:
     # Drafting work
     # ------------------------------------------------------------------------------------------
 
+    def _ship(self, track: Track, state: DraftState, gamma: int,
+              offset: int = 0) -> SentDraft | None:
+        """Send state's chain[offset:offset + γ] (Drafter.draft_message); None if not sent (not
+        connected or queue full)."""
+        draft = self.drafter.draft_message(state, gamma, offset)
+        num_bytes = self.client.send(draft)
+        if not num_bytes:
+            return None
+        track.paused = False  # any draft resumes waiting at the edge
+        return SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(), num_bytes)
+
     def _send(self, track: Track) -> None:
         state, gamma = track.state, track.gamma
-        draft = self.drafter.draft_message(state, gamma)
-        num_bytes = self.client.send(draft)
-        if num_bytes:
-            track.paused = False  # any draft resumes waiting at the edge
-            track.sent = SentDraft(state.committed_len, draft.tokens.tolist(), time.monotonic(),
-                                   num_bytes)
+        track.sent = self._ship(track, state, gamma)
+        if track.sent is not None:
             track.keys_at_edge.add(state.committed_len)
             self.counters["drafts_sent"] += 1
             self.counters["draft_tokens_sent"] += gamma
@@ -425,28 +422,22 @@ class DraftRuntime:
         chain = state.chain_tokens()[:levels]
         if budget < 1 or not self.drafter.batchable or chain[:gamma] != sent.tokens[:levels]:  # type: ignore[union-attr]
             return
-        for j, token in plan_branches(state.chain_rows, chain, gamma, alpha, budget):
-            if j < done:
-                continue  # planned already
-            keep = state.committed_len + j
-            branch_gamma = min(track.gamma or gamma, self.gamma_ctl.branch_gamma(gamma),
-                               track.max_len - keep - 1)
-            if branch_gamma >= 1:
-                track.branches.append(Branch(self.drafter.fork(state, keep, token), branch_gamma))
-                self.counters["branches_forked"] += 1
+        plan = [(j, t) for j, t in plan_branches(state.chain_rows, chain, gamma, alpha, budget)
+                if j >= done]  # levels planned before are forked already
+        cap = min(track.gamma or gamma, self.gamma_ctl.branch_gamma(gamma))
+        forked = fork_branches(self.drafter, state, plan,
+                               lambda keep: min(cap, track.max_len - keep - 1))
+        track.branches += forked
+        self.counters["branches_forked"] += len(forked)
 
     def _send_branch(self, track: Track, branch: Branch) -> None:
-        draft = self.drafter.draft_message(branch.state, branch.gamma)
-        num_bytes = self.client.send(draft)
-        if not num_bytes:  # not connected or queue full: this branch is given up
+        branch.sent = self._ship(track, branch.state, branch.gamma)
+        if branch.sent is None:  # not connected or queue full: this branch is given up
             track.branches.remove(branch)
             return
-        track.paused = False
-        branch.sent = SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(),
-                                num_bytes)
         self.counters["branches_sent"] += 1
         self.counters["branch_tokens_sent"] += branch.gamma
-        self.counters["branch_bytes"] += num_bytes
+        self.counters["branch_bytes"] += branch.sent.num_bytes
 
     def _send_ahead(self, track: Track) -> None:
         """Send chain[γ + 1 : γ + 1 + γ'] for the sequence committed + chain[:γ + 1], once drafted;
@@ -458,13 +449,9 @@ class DraftRuntime:
         if gamma < 1 or track.state.chain_len < offset + gamma or \
                 track.ahead_outstanding() >= MAX_AHEAD_OUTSTANDING:
             return
-        draft = self.drafter.draft_message(track.state, gamma, offset)
-        num_bytes = self.client.send(draft)
-        if num_bytes:
-            track.paused = False
-            track.ahead = SentDraft(draft.committed_len, draft.tokens.tolist(), time.monotonic(),
-                                    num_bytes)
-            track.keys_at_edge.add(draft.committed_len)
+        track.ahead = self._ship(track, track.state, gamma, offset)
+        if track.ahead is not None:
+            track.keys_at_edge.add(track.ahead.committed_len)
             self.counters["ahead_sent"] += 1
             self.counters["ahead_tokens_sent"] += gamma
 
