@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from vllm_tslt.core.float_q import FloatQ, baseline_then_sample
 from vllm_tslt.core.rng import position_uniforms, position_uniforms_many
@@ -106,9 +107,9 @@ class DraftState:
 @functools.cache
 def _batch_layer_class() -> type:
     """transformers' DynamicLayer for one batched decode step (imported lazily, like the model):
-    ``keys``/``values`` [batch, heads, width + 1, dim] hold the left-padded history in columns
-    < width; ``update`` writes the new token's KV into column ``width`` in place and returns the
-    whole buffer, where DynamicLayer would concatenate (copying the batch's KV again)."""
+    ``keys``/``values`` [batch, heads, width, dim] hold the left-padded history, set directly
+    (DynamicLayer's constructor path would copy the batch once more); ``update`` appends the one
+    new token."""
     from transformers.cache_utils import DynamicLayer
 
     class BatchLayer(DynamicLayer):
@@ -123,8 +124,8 @@ def _batch_layer_class() -> type:
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             if self.filled or key_states.shape[-2] != 1:
                 raise RuntimeError("a batched decode step takes exactly one new token")
-            self.keys[:, :, self.width:] = key_states
-            self.values[:, :, self.width:] = value_states
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
             self.filled = True
             return self.keys, self.values
 
@@ -321,15 +322,12 @@ class Drafter:
             mask[i, width - n:] = 1
         layers = []
         for layer_idx in range(len(states[0].cache.layers)):
-            # One buffer per layer with a column for the new token: written in place by the
-            # forward (_BatchLayer), so the batch's KV is copied once per step, not three times.
-            first = states[0].cache.layers[layer_idx]
-            shape = (batch, first.keys.shape[1], width + 1, first.keys.shape[3])
-            keys, values = first.keys.new_zeros(shape), first.values.new_zeros(shape)
-            for i, (s, n) in enumerate(zip(states, lens)):
-                layer = s.cache.layers[layer_idx]
-                keys[i, :, width - n:width] = layer.keys[0]
-                values[i, :, width - n:width] = layer.values[0]
+            # Left-padded [batch, heads, width, dim] in one call per tensor (pad_sequence over
+            # [len, heads, dim] views); the forward appends the new token with one cat.
+            own = [s.cache.layers[layer_idx] for s in states]
+            keys, values = (pad_sequence([getattr(x, name)[0].transpose(0, 1) for x in own],
+                                         batch_first=True, padding_side="left").transpose(1, 2)
+                            for name in ("keys", "values"))
             layers.append(_batch_layer_class()(keys, values, width))
         cache = DynamicCache()
         cache.layers = layers
