@@ -225,3 +225,20 @@ def test_a_parked_request_gets_its_draft_through_the_extras_and_verifies_with_it
     assert all(float(dense[i, t]) == 0.5 for i, t in enumerate([6, 3, 4, 5]))  # their q̃
     snap = proposer.hub.snapshot()
     assert snap["intake_parks"] == 1 and "intake_plain" not in snap
+
+
+def test_verified_rounds_add_their_moments_for_the_acceptance_interval(proposer):
+    """Each verified round adds d (draft tokens handed out) and a (accepted = emitted - 1) to the
+    hub's moments Σ1, Σd, Σa, Σa², Σad, Σd² (vllm_tslt_round_* on /metrics)."""
+    _run_step(proposer, ["r", "s"], drafts={"r": _draft("r", [0, 5, 7, 9]), "s": _draft("s", [3])})
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r", "s"]))
+    proposer.hub.collect = lambda ids, deadline, **_: {}
+    proposer.begin_step([])
+    proposer.bind_step(runner, None)
+    proposer.propose([[0, 5, 2], [3, 8]], [10, 10], None)  # r: 2 accepted of 4, s: 1 of 1
+    snap = proposer.hub.snapshot()
+    assert {k: snap[k] for k in ("verify_rounds", "round_draft_tokens", "round_accepted",
+                                 "round_accepted_sq", "round_accepted_x_draft",
+                                 "round_draft_sq")} == {
+        "verify_rounds": 2, "round_draft_tokens": 5, "round_accepted": 3,
+        "round_accepted_sq": 5, "round_accepted_x_draft": 9, "round_draft_sq": 17}

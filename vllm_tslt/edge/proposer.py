@@ -119,7 +119,8 @@ class TsltProposer:
         self.step_cost = StepCost()
         self._status_at = 0.0
         self.intake = Intake.from_config(self.config)
-        self._handed: set[str] = set()  # requests handed a draft by the last propose()
+        # Requests handed a draft by the last propose() -> draft tokens handed out.
+        self._handed: dict[str, int] = {}
         # For the scheduler, via take_draft_token_ids (patches/runner.py, patches/scheduler.py):
         # drafts of parked requests (not in the batch) and the requests to park next step.
         self._extra_drafts: dict[str, list[int]] = {}
@@ -157,6 +158,7 @@ class TsltProposer:
         for i, rid in enumerate(req_ids):
             if rid in self._handed and sampled_token_ids[i]:  # tokens of a drafted step
                 self.intake.observe(rid, len(sampled_token_ids[i]))
+                self._count_round(rid, len(sampled_token_ids[i]))
             if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,
                             token_ids_cpu):
                 bound.append(rid)
@@ -172,13 +174,26 @@ class TsltProposer:
         for rid, draft in drafts.items():
             if rid not in self._pending and rid in self._committed:
                 self._extra_drafts[rid] = self._hand_out(rid, draft, self._committed[rid])
-        self._handed = set(self._pending)
+        self._handed = {rid: n for rid, (_, n) in self._pending.items()}
         self._report_status(t0, len(req_ids))
         t3 = time.perf_counter()
         self.hub.count("proxy_steps")
         self.hub.count("proxy_overhead_us", int(((t1 - t0) + (t3 - t2)) * 1e6))
         self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out))
         return out
+
+    def _count_round(self, rid: str, emitted: int) -> None:
+        """Moments of (draft tokens d, accepted a) per verified round, so a reader of /metrics can
+        put a confidence interval on the acceptance Σa / Σd (rounds, not tokens, are the
+        independent units): Σd, Σa, Σa², Σad, Σd²."""
+        d = self._handed.get(rid, 0)
+        if d == 0:
+            return
+        a = min(emitted - 1, d)
+        for name, value in (("verify_rounds", 1), ("round_draft_tokens", d),
+                            ("round_accepted", a), ("round_accepted_sq", a * a),
+                            ("round_accepted_x_draft", a * d), ("round_draft_sq", d * d)):
+            self.hub.count(name, value)
 
     def _hand_out(self, rid: str, draft: Draft | None, length: int) -> list[int]:
         """The draft tokens request rid (committed `length` tokens) is handed for the next step."""
