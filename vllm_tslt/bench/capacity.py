@@ -48,7 +48,11 @@ MOMENTS = ("verify_rounds", "round_draft_tokens", "round_accepted", "round_accep
 # The edge's own time per step: waiting for drafts, and the proxy's work outside the wait.
 EDGE_TIMES = ("draft_wait_microseconds", "proxy_overhead_microseconds", "proxy_steps")
 MIN_ROUNDS = 10  # fewer verified rounds by the window's minimum: speculation is (mostly) off
-TSLT_SYSTEMS = ((TSLT_P, "4"), (TSLT_P, "auto"), (TSLT_K, "4"), (TSLT_K, "auto"))
+# The TSLT edge runs `intake: adaptive` (docs/intake.md); a second edge with `intake: wait` (the
+# default, every step waits for every draft) serves the same devices for comparison.
+SERVERS = ("target", "colocated", "edge", "edge-wait")
+TSLT_SYSTEMS = ((TSLT_P, "4"), (TSLT_P, "auto"), (TSLT_K, "4"))
+TSLT_P_WAIT = replace(TSLT_P, name="TSLT top-p, intake wait", server="edge-wait")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Plan:
     capacity_rtts: tuple[float, ...] = (0.5, 2.0)  # RTT / plain step
     capacity_uplink_mbps: float = 10.0
     tslt: tuple[tuple[System, str], ...] = TSLT_SYSTEMS
+    intake_wait: tuple[tuple[System, str], ...] = ((TSLT_P_WAIT, "auto"),)
     sweep_rtts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 5.0)
     sweep_uplinks: tuple[float, ...] = (1.0, 10.0, 100.0)
     sweep_gammas: tuple[str, ...] = ("4", "auto")
@@ -74,6 +79,7 @@ class Plan:
     def make(quick: bool) -> Plan:
         if quick:
             return Plan(True, devices=(1, 16), tslt=((TSLT_P, "4"), (TSLT_P, "auto")),
+                        intake_wait=(),
                         sweep_rtts=(0.25, 1.0, 5.0), sweep_uplinks=(10.0,), sweep_gammas=("4",),
                         warmup_s=2.0, min_window_s=6.0, max_window_s=25.0)
         return Plan(False)
@@ -98,30 +104,23 @@ class Cell:
 
 def cells(plan: Plan) -> list[Cell]:
     """Every cell after the calibration, grouped by server (the run starts each server once)."""
+    up = plan.capacity_uplink_mbps
     out: list[Cell] = []
-    for server_systems in ((TARGET_ONLY,), (COLOCATED,), None):
-        for r in plan.capacity_rtts:
-            for n in plan.devices:
-                if server_systems is not None:
-                    s = server_systems[0]
-                    out.append(Cell("capacity", s, str(COLOCATED_GAMMA) if s is COLOCATED else "-",
-                                    n, r, plan.capacity_uplink_mbps))
-                else:
-                    out.append(Cell("capacity", EDGE_ALONE, "-", n, r, plan.capacity_uplink_mbps))
-                    out += [Cell("capacity", s, g, n, r, plan.capacity_uplink_mbps)
-                            for s, g in plan.tslt]
-        if server_systems == (TARGET_ONLY,):  # the sweep's reference at each RTT
-            out += [Cell("sweep", TARGET_ONLY, "-", 1, r, 100.0) for r in plan.sweep_rtts
-                    if r not in plan.capacity_rtts]
-        if server_systems is None:
-            for r in plan.sweep_rtts:
-                for up in plan.sweep_uplinks:
-                    for g in plan.sweep_gammas:
-                        if r in plan.capacity_rtts and up == plan.capacity_uplink_mbps \
-                                and (TSLT_P, g) in plan.tslt:
-                            continue  # the capacity experiment's N = 1 cell is this cell
-                        out.append(Cell("sweep", TSLT_P, g, 1, r, up))
-    return out
+    for r in plan.capacity_rtts:
+        for n in plan.devices:
+            out += [Cell("capacity", TARGET_ONLY, "-", n, r, up),
+                    Cell("capacity", COLOCATED, str(COLOCATED_GAMMA), n, r, up),
+                    Cell("capacity", EDGE_ALONE, "-", n, r, up)]
+            out += [Cell("capacity", s, g, n, r, up) for s, g in (*plan.tslt, *plan.intake_wait)]
+    out += [Cell("sweep", TARGET_ONLY, "-", 1, r, 100.0) for r in plan.sweep_rtts
+            if r not in plan.capacity_rtts]  # the sweep's reference at each RTT
+    for r in plan.sweep_rtts:
+        for link_up in plan.sweep_uplinks:
+            for g in plan.sweep_gammas:
+                if r in plan.capacity_rtts and link_up == up and (TSLT_P, g) in plan.tslt:
+                    continue  # the capacity experiment's N = 1 cell is this cell
+                out.append(Cell("sweep", TSLT_P, g, 1, r, link_up))
+    return sorted(out, key=lambda c: SERVERS.index(c.system.server))  # stable: order kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 from vllm_tslt.bench.capacity import (
     COLOCATED_GAMMA,
     EDGE_GAMMA_MAX,
+    SERVERS,
     CapacityBench,
     Cell,
     Plan,
@@ -27,7 +28,7 @@ from vllm_tslt.bench.capacity import (
     cells,
 )
 from vllm_tslt.bench.main import _cpus, _machine
-from vllm_tslt.bench.runner import COLOCATED, TARGET_ONLY, pin_this_process
+from vllm_tslt.bench.runner import TARGET_ONLY, pin_this_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +92,11 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
     colocated = {"method": "draft_model", "model": str(pair.draft),
                  "num_speculative_tokens": COLOCATED_GAMMA, "draft_sample_method": "probabilistic"}
     todo = cells(plan)
-    servers = (("target", None, [c for c in todo if c.system is TARGET_ONLY]),
-               ("colocated", colocated, [c for c in todo if c.system is COLOCATED]),
-               ("edge", tslt, [c for c in todo if c.system.server == "edge"]))
+    specs = {"target": None, "colocated": colocated, "edge": {**tslt, "intake": "adaptive"},
+             "edge-wait": {**tslt, "intake": "wait"}}
+    servers = [(name, specs[name], [c for c in todo if c.system.server == name])
+               for name in SERVERS]
+    servers = [s for s in servers if s[2] or s[0] == "target"]  # target: the calibration
     max_n = max(plan.devices)
     common = {"cpus": edge_cpus, "max_model_len": 512,
               "extra_args": ["--max-num-seqs", str(max(64, 2 * max_n))]}
@@ -101,7 +104,7 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
     external: dict[str, Any] | None = None
     done, total, t0 = 0, len(todo) + 1, time.perf_counter()
     for i, (name, spec, phase) in enumerate(servers, 1):
-        print(f"[server {i}/3] starting {name} vLLM on CPU(s) {sorted(edge_cpus)} "
+        print(f"[server {i}/{len(servers)}] starting {name} vLLM on CPU(s) {sorted(edge_cpus)} "
               f"(log {logs / name}.log)", flush=True)
         with vllm_server(pair.target, logs / f"{name}.log", spec, **common) as url:
             _warm_up(bench, url, phase[0])
@@ -136,7 +139,8 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
             "device_draft_ms_per_token": draft_ms,
             "device_draft_ms_per_token_measured": measured_ms,
             "edge": {"num_speculative_tokens": EDGE_GAMMA_MAX, "verifier": "fused",
-                     "draft_deadline_ms": "default", "colocated_gamma": COLOCATED_GAMMA},
+                     "draft_deadline_ms": "default", "intake": "adaptive (the 'intake wait' "
+                     "systems: wait)", "colocated_gamma": COLOCATED_GAMMA},
             "external_check": external,
         },
         "records": bench.records,
