@@ -4,6 +4,13 @@ side with another git revision's (the baseline), in one run -> docs/benchmarks/c
 
     python scripts/bench_codec.py                          # baseline: the v1 codec (e05c637)
     python scripts/bench_codec.py --baseline-ref none      # this codec only
+    python scripts/bench_codec.py --baseline-ref 5bbb4e8 --engine-devices 16 64
+        # item 3 (codec speed): against the entropy codec before it, and what decoding 16 / 64
+        # devices' drafts in the hub's I/O thread costs a stand-in engine step (shared GIL)
+
+Where numba is installed the current codec decodes drafts with its compiled decoder
+(vllm_tslt/protocol/compiled.py, compiled before timing); "current, numpy decoder" is the same
+codec with the numpy reference decoder (a machine without numba).
 
 Each cell times `repeats` calls, `rounds` times, alternating baseline and current codec per round
 (this 2-core box is shared and noisy), and reports the median round: wall time and thread CPU time
@@ -40,6 +47,7 @@ SETTINGS = [
     ("top-p 0.95, b=12, m=4", SparsifyConfig(top_p=0.95, quant_bits=12), 4),
     ("top-k 128, b=16", SparsifyConfig(top_k=128, k_max=256, quant_bits=16), 1),
 ]
+SettingsByName = {name: cfg for name, cfg, _ in SETTINGS}
 DEFAULT_BASELINE = "e05c637"  # the last revision with the v1 (numpy bit packing) codec
 
 
@@ -55,6 +63,24 @@ def load_baseline(ref: str) -> Any:
         f.write_text(f.read_text().replace("vllm_tslt.protocol", "tslt_baseline_protocol"))
     sys.path.insert(0, str(root))
     return importlib.import_module("tslt_baseline_protocol")
+
+
+def numpy_decoder(proto: Any) -> Any:
+    """The current codec with draft decoding forced onto the numpy reference (what runs where
+    numba is not installed, and at an edge until the compiled decoder is ready)."""
+    from types import SimpleNamespace
+
+    sparse_payload = importlib.import_module("vllm_tslt.protocol.sparse_payload")
+
+    def decode(data: bytes, limits: Any) -> Any:
+        sparse_payload.USE_COMPILED = False
+        try:
+            return proto.decode(data, limits)
+        finally:
+            sparse_payload.USE_COMPILED = True
+
+    return SimpleNamespace(DecodeLimits=proto.DecodeLimits, Draft=proto.Draft, encode=proto.encode,
+                           decode=decode)
 
 
 def make_drafts(cfg: SparsifyConfig, m: int, vocab: int, n: int) -> list[tuple[torch.Tensor, Any, Any]]:
@@ -129,6 +155,75 @@ def measure(codecs: dict[str, Any], vocab: int, rounds: int, repeats: int) -> li
     return out
 
 
+def engine_interference(codecs: dict[str, Any], vocab: int, devices: list[int],
+                        steps: int) -> list[dict]:
+    """What decoding drafts in the hub's I/O thread costs the engine, which shares the GIL.
+
+    A stand-in engine step (a loop of small torch CPU ops with Python between them, ~3 ms like
+    the tiny pair's step in DESIGN.md) runs in the main thread while another thread decodes one
+    top-p 0.95 draft per device for that step, as the hub's I/O thread does. Reports the median
+    step time alone and with the decoding thread, and the decode time itself.
+    """
+    cfg = SettingsByName["top-p 0.95, b=12"]
+    rows = make_drafts(cfg, 1, vocab, 8)
+    a = torch.randn(48, 48)
+
+    def engine_step() -> None:
+        x = a
+        for _ in range(150):
+            x = torch.tanh(x @ a) * 0.5
+    for _ in range(20):
+        engine_step()
+    out = []
+    for label, proto in codecs.items():
+        _, dec, _ = codec_calls(proto, rows, vocab)
+        for _ in range(200):  # warm
+            dec[0]()
+        for n in devices:
+            alone, shared, decode_s = _steps_with_decoding(engine_step, dec, n, steps)
+            out.append({"codec": label, "devices": n, "vocab_size": vocab,
+                        "step_ms_alone": statistics.median(alone) * 1e3,
+                        "step_ms_with_decoding": statistics.median(shared) * 1e3,
+                        "decode_ms_per_step": statistics.median(decode_s) * 1e3})
+    return out
+
+
+def _steps_with_decoding(engine_step: Any, dec: list, n: int,
+                         steps: int) -> tuple[list[float], list[float], list[float]]:
+    """(step s alone, step s while another thread decodes n frames, that thread's s per step)."""
+    import threading
+
+    go, finished, done = threading.Event(), threading.Event(), threading.Event()
+    decode_s: list[float] = []
+
+    def io_thread() -> None:
+        while go.wait() and not done.is_set():
+            go.clear()
+            t0 = time.perf_counter()
+            for i in range(n):
+                dec[i % len(dec)]()
+            decode_s.append(time.perf_counter() - t0)
+            finished.set()
+
+    th = threading.Thread(target=io_thread, daemon=True)
+    th.start()
+    alone, shared = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine_step()
+        alone.append(time.perf_counter() - t0)
+        go.set()
+        t0 = time.perf_counter()
+        engine_step()
+        shared.append(time.perf_counter() - t0)
+        finished.wait(10.0)  # the decoding thread finishes this step's frames
+        finished.clear()
+    done.set()
+    go.set()
+    th.join()
+    return alone, shared, decode_s
+
+
 def render(results: dict) -> str:
     lines = ["# Draft codec: bytes and speed", "",
              "Generated by `scripts/bench_codec.py`; reproduce with:", "",
@@ -148,6 +243,17 @@ def render(results: dict) -> str:
         lines.append(f"| {r['vocab_size']} | {r['setting']} | {r['codec']} | {r['mean_k']:.1f} | "
                      f"{r['bytes_per_token']:.1f} | {r['encode_cpu_us']:.0f} | "
                      f"{r['decode_cpu_us']:.0f} | {r['encode_us']:.0f} | {r['decode_us']:.0f} |")
+    if results.get("engine"):
+        lines += ["", "Engine interference (`--engine-devices`): a stand-in engine step (small "
+                  "torch CPU ops, Python between them) in the main thread while another thread "
+                  "decodes one top-p 0.95 draft per device for that step, as the hub's I/O thread "
+                  "does; both share the GIL. Medians over the steps.", "",
+                  "| V | codec | devices | step ms alone | step ms while decoding | decode ms per step |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for r in results["engine"]:
+            lines.append(f"| {r['vocab_size']} | {r['codec']} | {r['devices']} | "
+                         f"{r['step_ms_alone']:.2f} | {r['step_ms_with_decoding']:.2f} | "
+                         f"{r['decode_ms_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default="docs/benchmarks/codec")
+    ap.add_argument("--engine-devices", type=int, nargs="*", default=[],
+                    help="also measure a stand-in engine step while decoding this many drafts per "
+                    "step in another thread (e.g. 16 64)")
+    ap.add_argument("--engine-steps", type=int, default=40)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).parent))
@@ -166,10 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline_ref != "none":
         codecs[f"baseline ({args.baseline_ref})"] = load_baseline(args.baseline_ref)
     codecs["current"] = importlib.import_module("vllm_tslt.protocol")
+    if importlib.import_module("vllm_tslt.protocol.sparse_payload").compile_decoder():
+        codecs["current, numpy decoder"] = numpy_decoder(codecs["current"])
     results = {"command": "python scripts/bench_codec.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                "baseline_ref": args.baseline_ref, "rounds": args.rounds, "machine": platform.platform(),
                "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
                "rows": [r for v in args.vocab for r in measure(codecs, v, args.rounds, args.repeats)]}
+    if args.engine_devices:
+        results["engine"] = engine_interference(codecs, args.vocab[0], args.engine_devices,
+                                                args.engine_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -65,23 +65,28 @@ _MAX_INDEX = (1 << 32) - 1
 
 
 def _check_sparse_q(q: SparseQ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """-> (indices [γ, k] int64, counts [γ, k], valid [γ, k] bool, gaps [γ, k] int64: index -
-    previous index - 1, the first index at column 0; checked at valid entries only); ValueError
-    if inconsistent."""
-    idx = q.indices.numpy().astype(np.int64)  # [γ, k]
+    """-> (indices [γ, k] int64, counts [γ, k], valid [γ, k] bool, gaps [N] int64 of the valid
+    entries, row-major: index - previous index - 1, the row's first index for its first entry);
+    ValueError if inconsistent."""
+    idx = q.indices.numpy()
     cnt = q.counts.numpy()
     if idx.ndim != 2 or cnt.shape != idx.shape or idx.shape[1] == 0 or \
             not 1 <= q.quant_bits <= MAX_QUANT_BITS:
         raise ValueError("SparseQ must have matching [γ, k] indices/counts and quant_bits in 1..16")
+    wide = idx.dtype.itemsize > 4 or idx.dtype.kind == "u"  # may hold indices >= 2**31
+    idx = idx.astype(np.int64)
     valid = idx != PAD_ID
     if not valid[:, 0].all() or (valid[:, 1:] > valid[:, :-1]).any():
         raise ValueError("SparseQ rows need >= 1 index and padding only at the end")
-    gaps = np.empty_like(idx)
-    gaps[:, 0] = idx[:, 0]
-    np.subtract(idx[:, 1:], idx[:, :-1] + 1, out=gaps[:, 1:])
-    if gaps.min(where=valid, initial=0) < 0 or idx.max() > _MAX_INDEX:
-        raise ValueError("SparseQ indices must be strictly ascending and in [0, 2**32)")  # gaps >= 0
-    if cnt.min() < 0 or ((cnt > 0) != valid).any() or (cnt.sum(axis=1) != q.total).any():
+    steps = np.empty_like(idx)  # index - previous index (-1 before each row)
+    np.add(idx[:, 0], 1, out=steps[:, 0])
+    np.subtract(idx[:, 1:], idx[:, :-1], out=steps[:, 1:])
+    gaps = steps[valid]
+    gaps -= 1
+    if gaps.min() < 0 or (wide and idx.max() > _MAX_INDEX):  # ascending from >= 0: gaps >= 0
+        raise ValueError("SparseQ indices must be strictly ascending and in [0, 2**32)")
+    # min(c, 1) == valid: counts >= 1 at valid entries, exactly 0 at padding
+    if (np.minimum(cnt, 1) != valid).any() or (cnt.sum(axis=1) != q.total).any():
         raise ValueError("SparseQ counts must be >= 1, 0 at padding, and sum to 2**quant_bits")
     return idx, cnt, valid, gaps
 
@@ -118,7 +123,7 @@ def encode_sparse_rows(
     cols = _columns_of(idx, cands, "draft token or alternative")
     not_last = np.zeros_like(valid)
     not_last[:, :-1] = valid[:, 1:]
-    values = np.concatenate([gaps[valid], cnt[not_last]], dtype=np.int64)
+    values = np.concatenate([gaps, cnt[not_last]], dtype=np.int64)
     return _pack(valid.sum(axis=1).tolist(), values, cols, q.quant_bits, cnt)
 
 
@@ -177,7 +182,7 @@ def _best_pairs(symbols: np.ndarray, k: list[int], ga: int, ca: int) -> list[int
     bins = np.array([j * width for j in range(gamma)] + [j * width + ga for j in range(gamma)])
     hist = np.bincount(bins.repeat(np.array(k + [n - 1 for n in k])) + symbols,
                        minlength=gamma * width).reshape(gamma, width).astype(np.float64)
-    gap_t = (hist[:, :ga] @ GAP_TABLES[ga][1].T).argmin(axis=1)
+    gap_t = (hist[:, :ga] @ GAP_TABLES[ga][1].T).argmin(axis=1)  # [γ] fewest gap-bucket bits
     cnt_t = (hist[:, ga:] @ COUNT_TABLES[ca][1].T).argmin(axis=1)
     return (gap_t * NUM_COUNT_TABLES + cnt_t).tolist()
 
@@ -237,6 +242,18 @@ def _decode_compiled(fn: dict[str, Any], dec: Decoder, gamma: int, m: int, b: in
     dec.finish()
     q = SparseQ(torch.from_numpy(indices), torch.from_numpy(counts), b)
     return q, torch.from_numpy(cands[:, 0]), torch.from_numpy(cands[:, 1:]) if m > 1 else None
+
+
+def compile_decoder() -> bool:
+    """Compile the compiled decoder now, in this thread (seconds; well under one with numba's
+    cache), instead of in the background at the first draft; True if drafts will decode with it."""
+    if not USE_COMPILED:
+        return False
+    if compiled.ready(_warm_up) is None:
+        fn = compiled.kernels()
+        _warm_up(fn)
+        compiled.mark_ready(fn)
+    return True
 
 
 def _warm_up(fn: dict[str, Any]) -> None:
