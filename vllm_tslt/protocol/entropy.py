@@ -135,10 +135,11 @@ def split_mantissas(values: np.ndarray, bits: np.ndarray, narrow: bool) -> tuple
     low parts.
     """
     has = bits > 1
-    top = np.left_shift(np.int64(1), bits[has] - 1)  # 2**(n - 1)
+    if narrow:  # int32 throughout: every value < 2**17
+        top = ((1 << bits) >> 1)[has]  # 2**(n - 1)
+        return (values[has] - top).astype(np.int32), top
+    top = np.left_shift(np.int64(1), bits[has] - 1)
     mant = values[has] - top
-    if narrow:
-        return mant.astype(np.int32), top.astype(np.int32)
     big = top > _SPLIT
     lo_size = np.minimum(top, _SPLIT)
     syms = np.concatenate([mant & (lo_size - 1), mant[big] >> MANTISSA_SPLIT])

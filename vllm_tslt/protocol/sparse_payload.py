@@ -121,9 +121,8 @@ def encode_sparse_rows(
             raise ValueError(f"alternatives must be [{gamma}, m - 1], got {alts.shape}")
         cands = np.concatenate([cands, alts], axis=1)
     cols = _columns_of(idx, cands, "draft token or alternative")
-    not_last = np.zeros_like(valid)
-    not_last[:, :-1] = valid[:, 1:]
-    values = np.concatenate([gaps, cnt[not_last]], dtype=np.int64)
+    # all counts but each row's last: those followed by a valid entry
+    values = np.concatenate([gaps, cnt[:, :-1][valid[:, 1:]]], dtype=np.int64)
     return _pack(valid.sum(axis=1).tolist(), values, cols, q.quant_bits, cnt)
 
 
