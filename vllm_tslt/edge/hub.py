@@ -80,7 +80,8 @@ class DraftHub:
         self.vocab_fingerprint = vocab_fingerprint
         self.model_name = model_name
         self.max_gamma = max_gamma
-        self.table = SessionTable(config.max_requests_per_session)
+        self.table = SessionTable(config.max_requests_per_session,
+                                  forgive_late=config.intake == "adaptive")
         self.io = DeviceEndpoint(config, self.table, vocab_size=vocab_size,
                                  vocab_fingerprint=vocab_fingerprint, model_name=model_name,
                                  max_gamma=max_gamma)

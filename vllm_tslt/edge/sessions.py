@@ -79,8 +79,13 @@ class BoundRequest:
 class SessionTable:
     """Sessions by id and by routing id, requests bound to them, their drafts, and counters."""
 
-    def __init__(self, max_requests_per_session: int) -> None:
+    def __init__(self, max_requests_per_session: int, forgive_late: bool = False) -> None:
         self.max_requests_per_session = max_requests_per_session
+        # A late draft shows its device is alive: with the adaptive intake (which waits only as
+        # long as the device's measured lateness makes worth it) it clears the session's missed
+        # waits, so a device that was slow for a while is considered again. With intake "wait"
+        # it does not (a device slower than the deadline would cost a deadline every step).
+        self.forgive_late = forgive_late
         self.cond = threading.Condition()
         self.counters: Counter[str] = Counter()
         self.sessions: dict[str, Session] = {}
@@ -252,6 +257,8 @@ class SessionTable:
                 session.lateness.add(time.monotonic() - req.commit_times[min(answered)])
                 for n in answered:
                     del req.commit_times[n]
+                if self.forgive_late:
+                    session.missed = 0
             if draft.committed_len < req.hasher.length:
                 self.counters["dropped_late"] += 1
                 return True
