@@ -27,10 +27,11 @@ def cpu_sampler():
     from vllm.platforms import current_platform
 
     from vllm_tslt.patches import cpu_expand
+    from vllm_tslt.testing.vllm_kernels import register_cpu_kernel_overrides
 
     assert current_platform.is_cpu()
     cpu_expand.apply() if not cpu_expand.PATCH.applied else None
-    current_platform.register_triton_kernel_overrides()
+    register_cpu_kernel_overrides()
     from vllm.v1.sample import rejection_sampler
 
     return rejection_sampler

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vllm_tslt.patches import cpu_expand
+from vllm_tslt.testing.vllm_kernels import register_cpu_kernel_overrides
 
 pytestmark = pytest.mark.unit
 
@@ -55,7 +56,7 @@ def test_fix_reaches_vllm_rejection_sampler_dispatch():
     assert current_platform.is_cpu()
     try:
         assert cpu_expand.apply() or cpu_expand.PATCH.applied
-        current_platform.register_triton_kernel_overrides()
+        register_cpu_kernel_overrides()
         temperature = torch.tensor([0.7, 1.0, 0.3], dtype=torch.float32)
         cu = torch.tensor([2, 3, 6], dtype=torch.int32)
         got = rejection_sampler.expand_batch_to_tokens(temperature, cu, 6)
@@ -63,3 +64,35 @@ def test_fix_reaches_vllm_rejection_sampler_dispatch():
         assert not cpu_expand.fix_needed()  # idempotent: nothing more to do
     finally:
         cpu_expand.PATCH.revert()
+
+
+def test_a_registered_override_is_retargeted_without_scanning_modules(monkeypatch):
+    """apply() after vLLM registered its overrides must not rescan sys.modules: vLLM 0.32's scan
+    raises on objects that answer every attribute (llvmlite's ffi.lib once numba compiled the
+    edge's draft decoder). A module holding such an object is planted to prove it."""
+    import sys
+    import types
+
+    from vllm.triton_utils import dispatcher
+
+    class AnswersEverything:
+        def __getattr__(self, name):
+            return AnswersEverything()
+
+    planted = types.ModuleType("tslt_planted_unscannable")
+    planted.lib = AnswersEverything()
+    monkeypatch.setitem(sys.modules, planted.__name__, planted)
+    host, attr = dispatcher._resolve_kernel(cpu_expand.KERNEL_NAME)
+    if not isinstance(getattr(host, attr), dispatcher.KernelOverride):
+        pytest.skip("vLLM registered no override for expand_kernel in this process")
+    before = dispatcher._registry[cpu_expand.KERNEL_NAME]
+    try:
+        cpu_expand.retarget_override(cpu_expand.KERNEL_NAME, cpu_expand.expand_kernel_impl_fixed)
+        wrapper = getattr(host, attr)
+        assert wrapper._impl is cpu_expand.expand_kernel_impl_fixed
+        out = torch.zeros(4, dtype=torch.float32)
+        wrapper[1](out, torch.tensor([0.5, 2.0]), torch.tensor([1, 4], dtype=torch.int32), 0, 0,
+                   MAX_NUM_TOKENS=4)
+        assert out.tolist() == [0.5, 2.0, 2.0, 2.0]
+    finally:
+        cpu_expand.retarget_override(cpu_expand.KERNEL_NAME, before[1])

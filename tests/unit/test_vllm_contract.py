@@ -63,6 +63,18 @@ def test_cpu_expand_patch_targets_exist():
     assert list(sig)[:3] == ["x", "cu_num_tokens", "num_tokens"]
 
 
+def test_kernel_override_can_be_retargeted_in_place():
+    """cpu_expand.retarget_override changes a registered KernelOverride's target in place."""
+    from vllm.triton_utils import dispatcher
+
+    assert callable(dispatcher._resolve_kernel) and callable(dispatcher._rebind_kernels)
+    wrapper = dispatcher.KernelOverride(lambda a, b: None, lambda a, b: "old")
+    for attr in ("_impl", "func", "_forward_by_name", "arg_names"):
+        assert hasattr(wrapper, attr), attr
+    wrapper._impl = wrapper.func = lambda a, b: "new"
+    assert wrapper[1](1, 2) == "new" and wrapper(1, 2) == "new"
+
+
 def test_plugins_load_before_kernel_overrides_in_workers():
     """The fix relies on this order in WorkerWrapperBase (general plugins, then CPU overrides)."""
     from vllm.v1.worker import worker_base

@@ -8,12 +8,13 @@ per-token temperature/top-k/top-p. The replacement below is dtype-agnostic pure 
 The CPU platform registers `cpu_tl._expand_kernel_impl` (looked up at call time) as the override of
 `vllm.v1.sample.rejection_sampler.expand_kernel` in `register_triton_kernel_overrides`, which every
 worker calls right after loading general plugins; replacing the module attribute before that is
-enough. If the override was registered already, it is registered again with the fix.
+enough. If the override was registered already, its target is changed in place (`retarget_override`).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -87,6 +88,29 @@ def apply() -> bool:
     PATCH.apply()
     from vllm.triton_utils import dispatcher
 
-    if KERNEL_NAME in dispatcher._registry:  # overrides already registered: register the fix too
-        dispatcher.register_kernels({KERNEL_NAME: PATCH.resolve()})
+    if KERNEL_NAME in dispatcher._registry:  # overrides already registered: point them at the fix
+        retarget_override(KERNEL_NAME, PATCH.resolve())
     return True
+
+
+def retarget_override(name: str, impl: Any) -> None:
+    """Make vLLM's registered override of kernel ``name`` call ``impl``, in place.
+
+    Every holder of the kernel already holds the same ``KernelOverride`` (vLLM rebound them when
+    it registered the override), so changing its target reaches them all without a second
+    ``register_kernels``, whose scan of ``sys.modules`` (vLLM 0.32 ``_rebind_kernels``) raises on
+    objects that answer any attribute, e.g. llvmlite's ``ffi.lib`` once numba has compiled
+    something in this process (the edge's draft decoder does)."""
+    import inspect
+
+    from vllm.triton_utils import dispatcher
+
+    host, attr = dispatcher._resolve_kernel(name)
+    wrapper = getattr(host, attr)
+    if not isinstance(wrapper, dispatcher.KernelOverride):
+        dispatcher.register_kernels({name: impl})  # not an override yet: vLLM's own path
+        return
+    original, _ = dispatcher._registry[name]
+    dispatcher._registry[name] = (original, impl)
+    wrapper._impl = wrapper.func = impl
+    wrapper._forward_by_name = tuple(inspect.signature(impl).parameters) == wrapper.arg_names
