@@ -243,6 +243,13 @@ def _decode_compiled(fn: dict[str, Any], dec: Decoder, gamma: int, m: int, b: in
     return q, torch.from_numpy(cands[:, 0]), torch.from_numpy(cands[:, 1:]) if m > 1 else None
 
 
+def start_compiling_decoder() -> None:
+    """Start compiling the compiled decoder in its background thread now (the edge's hub calls
+    this at start, so the first drafts need not decode with numpy while it compiles)."""
+    if USE_COMPILED:
+        compiled.ready(_warm_up)
+
+
 def compile_decoder() -> bool:
     """Compile the compiled decoder now, in this thread (seconds; well under one with numba's
     cache), instead of in the background at the first draft; True if drafts will decode with it."""
