@@ -108,8 +108,8 @@ def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecis
 
     W is chosen among 0 and the etas within max_wait_s; each request not covered by W is parked
     when that gains, else decodes plainly. The wait itself is bounded by W·WAIT_SLACK +
-    WAIT_SLACK_S (and max_wait_s); it ends as soon as the drafts waited for are in. No step time measured yet, or mode "wait": wait for all
-    up to max_wait_s (the behaviour before intake).
+    WAIT_SLACK_S (and max_wait_s); it ends as soon as the drafts waited for are in. No step time
+    measured yet, or mode "wait": wait for all up to max_wait_s (the behaviour before intake).
     """
     ids = frozenset(p.request_id for p in pending)
     if not pending:
@@ -129,8 +129,9 @@ def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecis
             value, wait_for, park = -costs.running * w, set(), set()
             for p in pending:
                 if p.eta_s <= w:
-                    value += p.gain_tokens * s
-                    wait_for.add(p.request_id)
+                    if p.gain_tokens > 0:  # (a draft that adds nothing is not waited for)
+                        value += p.gain_tokens * s
+                        wait_for.add(p.request_id)
                 elif allow_park and park_value[p.request_id] > 0:
                     value += park_value[p.request_id]
                     park.add(p.request_id)
