@@ -269,6 +269,8 @@ class SessionTable:
                 current = req.drafts.get(draft.committed_len)
                 if current is None or current.prefix_hash != phash or draft.prefix_hash == phash:
                     req.drafts[draft.committed_len] = draft
+                else:  # another prefix's draft never displaces the committed prefix's
+                    self.counters["dropped_stale"] += 1
             session.missed = 0
             self.cond.notify_all()
         return True
