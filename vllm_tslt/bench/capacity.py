@@ -12,13 +12,16 @@ set in units of the edge's plain step (``rtt_over_step``), measured at the start
 target-only's median TPOT at batch 1 with no link: RTT = rtt_over_step × step.
 
 The HTTP leg crosses the same emulated link: a request leaves RTT/2 late, every streamed chunk is
-stamped RTT/2 after it arrives, and a client sends its next request RTT/2 after its last chunk
-arrived (nothing feeds back from the client's clock into generation, so shifting stamps is exact).
+stamped RTT/2 after it arrives, and a client sends its next request when its last chunk reaches it
+(nothing feeds back from the client's clock into generation, so shifting stamps is exact). The
+clients speak HTTP directly (one JSON parse per chunk) to leave the shared core to the farm;
+`vllm bench serve` checks them in one cell (capacity_main._external_check).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import statistics
@@ -210,11 +213,16 @@ class Window:
     errors: int = 0
 
 
-async def _client(client: Any, model: str, i: int, session: str | None, plan: Plan,
+async def _client(http: Any, url: str, model: str, i: int, session: str | None, plan: Plan,
                   rtt_s: float, window: Window, stopping: asyncio.Event) -> None:
-    extra: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True}
+    """One closed-loop client: vLLM's streaming completions API over raw HTTP (a JSON parse per
+    chunk; the openai client's typed chunks cost this process' single core several times more
+    at 64 clients, time the device farm beside it needs). `token_ids` counts tokens per chunk."""
+    body: dict[str, Any] = {"model": model, "max_tokens": plan.max_tokens, "stream": True,
+                            "temperature": plan.temperature, "ignore_eos": True,
+                            "return_token_ids": True}
     if session:
-        extra["vllm_xargs"] = {"tslt_session": session}
+        body["vllm_xargs"] = {"tslt_session": session}
     j = 0
     while not stopping.is_set():
         await asyncio.sleep(rtt_s / 2)  # the request crosses the uplink
@@ -222,18 +230,22 @@ async def _client(client: Any, model: str, i: int, session: str | None, plan: Pl
         first = last = None
         tokens = 0
         try:
-            stream = await client.completions.create(
-                model=model, prompt=PROMPTS[(i + j) % len(PROMPTS)], max_tokens=plan.max_tokens,
-                temperature=plan.temperature, stream=True, extra_body=extra)
-            async for chunk in stream:
-                now = time.perf_counter() + rtt_s / 2  # and every chunk the downlink
-                ids = (chunk.choices[0].model_extra or {}).get("token_ids") if chunk.choices \
-                    else None
-                if ids:
-                    first = first or now
-                    last = now
-                    tokens += len(ids)
-                    window.stamps.append((now, len(ids)))
+            async with http.stream("POST", url + "/v1/completions",
+                                   json={**body, "prompt": PROMPTS[(i + j) % len(PROMPTS)]}
+                                   ) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue  # blank separators and "data: [DONE]"
+                    now = time.perf_counter() + rtt_s / 2  # and every chunk the downlink
+                    choices = json.loads(line[6:]).get("choices")
+                    ids = choices[0].get("token_ids") if choices else None
+                    if ids:
+                        first = first or now
+                        last = now
+                        tokens += len(ids)
+                        window.stamps.append((now, len(ids)))
         except Exception as e:  # counted in the record; the cell goes on
             logger.error("request failed: %s", e)
             window.errors += 1
@@ -244,45 +256,44 @@ async def _client(client: Any, model: str, i: int, session: str | None, plan: Pl
             window.requests.append({"t0": t0, "end": last, "tokens": tokens,
                                     "ttft": first - t0, "latency": last - t0,
                                     "tpot": (last - first) / (tokens - 1)})
-        await asyncio.sleep(max(0.0, last + rtt_s / 2 - time.perf_counter()) if last else 0.0)
+        if last is not None:  # the last chunk reaches the client at `last`; it sends at once
+            await asyncio.sleep(max(0.0, last - time.perf_counter()))
 
 
 async def closed_loop(url: str, model: str, sessions: list[str | None], plan: Plan, rtt_s: float,
                       ci_now: Callable[[], float | None], on_start: Callable[[], None]) -> Window:
     """Run len(sessions) closed-loop clients: warm-up, then the measured window (see module doc).
     ``on_start()`` runs when the window opens; ``ci_now()`` -> the acceptance's current 95% CI
-    half-width (None: this system has no acceptance to measure)."""
+    half-width (None: this system has no acceptance to measure); both scrape the server's
+    /metrics, in a thread, so the clients' event loop never waits on them."""
     import httpx
-    from openai import AsyncOpenAI
 
     limits = httpx.Limits(max_connections=len(sessions) + 4,
                           max_keepalive_connections=len(sessions) + 4)
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0,
-                         http_client=httpx.AsyncClient(limits=limits, timeout=600))
     window = Window()
     stopping = asyncio.Event()
-    tasks = [asyncio.create_task(_client(client, model, i, s, plan, rtt_s, window, stopping))
-             for i, s in enumerate(sessions)]
-    try:
-        await asyncio.sleep(plan.warmup_s)
-        window.start = time.perf_counter()
-        on_start()
-        while True:
-            await asyncio.sleep(0.5)
-            elapsed = time.perf_counter() - window.start
-            if elapsed >= plan.max_window_s:
-                break
-            if elapsed >= plan.min_window_s:
-                ci = ci_now()
-                if ci is None or ci <= plan.ci_goal:
+    async with httpx.AsyncClient(limits=limits, timeout=600) as http:
+        tasks = [asyncio.create_task(_client(http, url, model, i, s, plan, rtt_s, window,
+                                             stopping)) for i, s in enumerate(sessions)]
+        try:
+            await asyncio.sleep(plan.warmup_s)
+            window.start = time.perf_counter()
+            await asyncio.to_thread(on_start)
+            while True:
+                await asyncio.sleep(0.5)
+                elapsed = time.perf_counter() - window.start
+                if elapsed >= plan.max_window_s:
                     break
-        window.stop = time.perf_counter()
-        stopping.set()
-        await asyncio.wait(tasks, timeout=120)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await client.close()
+                if elapsed >= plan.min_window_s:
+                    ci = await asyncio.to_thread(ci_now)
+                    if ci is None or ci <= plan.ci_goal:
+                        break
+            window.stop = time.perf_counter()
+            stopping.set()
+            await asyncio.wait(tasks, timeout=120)
+        finally:
+            for t in tasks:
+                t.cancel()
     return window
 
 
