@@ -18,6 +18,16 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_draft_decoder():
+    """Compile the edge's numba draft decoder once, before any test starts a hub. A hub starts
+    compiling it in a background thread (seconds without numba's cache), which would compete with
+    the timing-dependent tests (late-draft decisions of the intake) for the CPU and the GIL."""
+    from vllm_tslt.protocol.sparse_payload import compile_decoder
+
+    compile_decoder()
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """The built-in `tiny` pair (built once per machine, ~1-2 minutes, then cached)."""
