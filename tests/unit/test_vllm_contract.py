@@ -225,6 +225,21 @@ def test_post_step_contract():
     assert "self.running" in inspect.getsource(Scheduler.__init__)
 
 
+def test_engine_core_process_name_contract():
+    """patches/draft_flag.py: vLLM names its engine core processes "EngineCore"/"EngineCore_DP<i>"
+    and loads plugins there before it builds the executor (whose workers inherit the name's env)."""
+    from vllm.v1.engine import utils
+    from vllm.v1.engine.core import EngineCore
+
+    from vllm_tslt.patches.draft_flag import ENGINE_PROCESS_PREFIX
+
+    src = inspect.getsource(utils)
+    assert 'name=f"EngineCore_DP{global_index}" if is_dp else "EngineCore"' in src
+    assert ENGINE_PROCESS_PREFIX == "EngineCore"
+    init = inspect.getsource(EngineCore.__init__)
+    assert init.index("load_general_plugins()") < init.index("self.model_executor = ")
+
+
 def test_any_request_has_session():
     from types import SimpleNamespace as NS
 

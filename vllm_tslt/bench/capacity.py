@@ -77,15 +77,33 @@ class Plan:
     ci_goal: float = 0.02  # 95% CI half-width of every reported acceptance
     slo_factor: float = 1.5  # capacity: p95 TPOT within this × target-only's batch-1 TPOT
     external_check: bool = True  # one cell through `vllm bench serve` (vLLM's own client)
+    # One-device capacity cells run this many times, in interleaved rounds with every server up
+    # side by side (rounds > 1), so each round's ratios compare neighbours in time.
+    rounds: int = 1
+    colocated_devices: tuple[int, ...] | None = None  # None: every N
+    edge_alone: bool = True  # the TSLT edge with no drafts in each capacity cell
+    name: str = "full"
 
     @staticmethod
-    def make(quick: bool) -> Plan:
+    def make(quick: bool = False, targets: bool = False) -> Plan:
+        if targets:
+            # Issue 14's targets: one device at RTT 0.5 and 2 × step in 3 interleaved rounds,
+            # 16 devices once, and adaptive γ over the whole link sweep.
+            return Plan(False, devices=(1, 16), tslt=((TSLT_P, "4"), (TSLT_P, "auto")),
+                        intake_wait=((TSLT_P_WAIT, "4"),),
+                        sweep_rtts=(0.25, 0.5, 1.0, 2.0, 5.0), sweep_uplinks=(1.0, 10.0, 100.0),
+                        sweep_gammas=("auto",), min_window_s=8.0, max_window_s=20.0,
+                        external_check=False, rounds=3, edge_alone=False, name="targets")
         if quick:
             return Plan(True, devices=(1, 16), tslt=((TSLT_P, "4"), (TSLT_P, "auto")),
                         intake_wait=(),
                         sweep_rtts=(0.25, 1.0, 5.0), sweep_uplinks=(10.0,), sweep_gammas=("4",),
-                        warmup_s=2.0, min_window_s=6.0, max_window_s=25.0)
+                        warmup_s=2.0, min_window_s=6.0, max_window_s=25.0, name="quick")
         return Plan(False)
+
+    @property
+    def interleaved(self) -> bool:
+        return self.rounds > 1
 
 
 @dataclass(frozen=True)
@@ -96,13 +114,20 @@ class Cell:
     num_devices: int
     rtt_over_step: float
     uplink_mbps: float
+    round: int = 0  # interleaved plans: which round of a repeated cell
+
+    @property
+    def repeated(self) -> bool:
+        """Run once per round in an interleaved plan: the one-device capacity cells."""
+        return self.experiment == "capacity" and self.num_devices == 1
 
     def label(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in (("K", self.system.top_k),
                                                  ("p", self.system.top_p)) if v is not None)
         return (f"{self.experiment:8s} {self.system.name}{extra} | gamma {self.gamma} | "
                 f"N={self.num_devices} | RTT {self.rtt_over_step:g}x step, "
-                f"{self.uplink_mbps:g} Mbit/s up")
+                f"{self.uplink_mbps:g} Mbit/s up" + (f" | round {self.round + 1}"
+                                                     if self.repeated and self.round else ""))
 
 
 def cells(plan: Plan) -> list[Cell]:
@@ -111,9 +136,11 @@ def cells(plan: Plan) -> list[Cell]:
     out: list[Cell] = []
     for r in plan.capacity_rtts:
         for n in plan.devices:
-            out += [Cell("capacity", TARGET_ONLY, "-", n, r, up),
-                    Cell("capacity", COLOCATED, str(COLOCATED_GAMMA), n, r, up),
-                    Cell("capacity", EDGE_ALONE, "-", n, r, up)]
+            out.append(Cell("capacity", TARGET_ONLY, "-", n, r, up))
+            if plan.colocated_devices is None or n in plan.colocated_devices:
+                out.append(Cell("capacity", COLOCATED, str(COLOCATED_GAMMA), n, r, up))
+            if plan.edge_alone:
+                out.append(Cell("capacity", EDGE_ALONE, "-", n, r, up))
             out += [Cell("capacity", s, g, n, r, up) for s, g in (*plan.tslt, *plan.intake_wait)]
     out += [Cell("sweep", TARGET_ONLY, "-", 1, r, 100.0) for r in plan.sweep_rtts
             if r not in plan.capacity_rtts]  # the sweep's reference at each RTT
@@ -123,6 +150,10 @@ def cells(plan: Plan) -> list[Cell]:
                 if r in plan.capacity_rtts and link_up == up and (TSLT_P, g) in plan.tslt:
                     continue  # the capacity experiment's N = 1 cell is this cell
                 out.append(Cell("sweep", TSLT_P, g, 1, r, link_up))
+    if plan.interleaved:  # servers side by side: rounds of the one-device cells first
+        once = [c for c in out if not c.repeated]
+        return [replace(c, round=i) for i in range(plan.rounds)
+                for c in out if c.repeated] + once
     return sorted(out, key=lambda c: SERVERS.index(c.system.server))  # stable: order kept
 
 
@@ -321,6 +352,7 @@ def summarise_window(window: Window) -> dict[str, Any]:
 class CapacityBench:
     def __init__(self, pair: Any, plan: Plan, hub: str, draft_ms_per_token: float) -> None:
         self.pair, self.plan, self.hub = pair, plan, hub
+        self.hubs: dict[str, str] = {}  # server -> its hub endpoint, when servers run side by side
         self.draft_ms = draft_ms_per_token
         self._drafters: dict[tuple, Any] = {}  # one per truncation setting, shared by every farm
         self.model = str(pair.target)
@@ -378,7 +410,8 @@ class CapacityBench:
         steps = delta["steps"]
         gamma_snaps = [s["gamma"] for s in device_stats]
         rec = {
-            "experiment": cell.experiment, "system": cell.system.name, "wire": cell.system.wire,
+            "experiment": cell.experiment, "round": cell.round, "system": cell.system.name,
+            "wire": cell.system.wire,
             "gamma": cell.gamma, "num_devices": cell.num_devices, "top_k": cell.system.top_k,
             "top_p": cell.system.top_p, "rtt_over_step": cell.rtt_over_step,
             "rtt_ms": link.rtt_ms, "uplink_mbps": link.uplink_mbps,
@@ -387,6 +420,7 @@ class CapacityBench:
             **summary,
             "acceptance": alpha, "acceptance_ci95": ci, "acceptance_draft_tokens": n_tokens,
             "acceptance_rounds": int(delta["verify_rounds"] if farm else delta["drafts"]),
+            "acceptance_moments": {k: delta[k] for k in MOMENTS} if farm else None,
             "server_acceptance": delta["accepted"] / delta["draft_tokens"]
             if delta["draft_tokens"] else None,
             "edge_steps": steps,
@@ -403,6 +437,7 @@ class CapacityBench:
             if farm else None,
             "uplink_bytes_per_draft_token": _bytes_per_token(device_stats),
             "farm": _farm_delta(farm_stats, farm_before) if farm_stats else None,
+            "device_counters": _sum_counters(device_stats) if farm else None,
         }
         self.records.append(rec)
         return rec
@@ -431,7 +466,8 @@ class CapacityBench:
         from vllm_tslt.agent.config import AgentConfig
 
         return AgentConfig(
-            draft_model=str(self.pair.draft), edge=self.hub, api=url, listen="127.0.0.1:0",
+            draft_model=str(self.pair.draft), edge=self.hubs.get(cell.system.server, self.hub),
+            api=url, listen="127.0.0.1:0",
             wire_format=cell.system.wire or "tslt", top_k=cell.system.top_k,
             top_p=cell.system.top_p, k_max=64,
             num_draft_tokens=cell.gamma if cell.gamma == "auto" else int(cell.gamma),
@@ -441,6 +477,17 @@ class CapacityBench:
 def _median_of(values: Any) -> float | None:
     xs = [v for v in values if v is not None]
     return statistics.median(xs) if xs else None
+
+
+def _sum_counters(stats: list[dict[str, Any]]) -> dict[str, int]:
+    """Every device's counters (DraftRuntime.counters), summed over the cell's devices: drafts,
+    sends ahead, branches and their bytes, pauses (whole run of the farm, warm-up included)."""
+    out: dict[str, int] = {}
+    for s in stats:
+        for k, v in s.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 def _bytes_per_token(stats: list[dict[str, Any]]) -> float | None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -34,6 +35,9 @@ from vllm_tslt.bench.runner import TARGET_ONLY, pin_this_process
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer cells (under 10 minutes here)")
+    p.add_argument("--targets", action="store_true",
+                   help="issue 14's targets only: one device in 3 interleaved rounds with every "
+                        "server up side by side, 16 devices, adaptive γ over the link sweep")
     p.add_argument("--pair", default="tiny", help="built-in model pair (default tiny)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default docs/benchmarks/capacity, or "
@@ -51,9 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "vllm_tslt.agent.client", "vllm_tslt.agent.runtime"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    out = args.out or Path("bench-quick/capacity" if args.quick else "docs/benchmarks/capacity")
+    if args.quick and args.targets:
+        raise SystemExit("--quick and --targets are two different plans: choose one")
+    default_out = ("bench-quick/capacity" if args.quick else
+                   f"docs/benchmarks/capacity{'-targets' if args.targets else ''}"
+                   f"{'' if args.pair == 'tiny' else '-' + args.pair}")
+    out = args.out or Path(default_out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan.make(args.quick)
+    plan = Plan.make(args.quick, args.targets)
     command = " ".join(["python scripts/bench_capacity.py", *(argv or sys.argv[1:])])
     data = run(plan, args.pair, _cpus(args.edge_cpus, "--edge-cpus"),
                _cpus(args.device_cpus, "--device-cpus"), args.device_draft_ms_per_token, command)
@@ -101,32 +110,50 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
     common = {"cpus": edge_cpus, "max_model_len": 512,
               "extra_args": ["--max-num-seqs", str(max(64, 2 * max_n))]}
     bench.draft_ms = draft_ms
+    progress = _Progress(len(todo) + 1)
     external: dict[str, Any] | None = None
-    done, total, t0 = 0, len(todo) + 1, time.perf_counter()
-    for i, (name, spec, phase) in enumerate(servers, 1):
+
+    def start(stack: contextlib.ExitStack, i: int, name: str, spec: dict[str, Any] | None
+              ) -> str:
+        if spec is not None and plan.interleaved:  # side by side: a hub each
+            bench.hubs[name] = f"tcp://127.0.0.1:{free_port()}"
+            spec = {**spec, "bind": bench.hubs[name]}
         print(f"[server {i}/{len(servers)}] starting {name} vLLM on CPU(s) {sorted(edge_cpus)} "
               f"(log {logs / name}.log)", flush=True)
-        with vllm_server(pair.target, logs / f"{name}.log", spec, **common) as url:
-            _warm_up(bench, url, phase[0])
-            if name == "target":
-                rec = bench.run_cell(calibration_cell(), url)
-                bench.step_ms = rec["tpot_p50_ms"]
-                done += 1
-                print(f"[{done:3d}/{total}] calibration: target-only TPOT at batch 1 = "
-                      f"{bench.step_ms:.2f} ms: RTTs are multiples of this", flush=True)
-                if plan.external_check:
-                    external = _external_check(bench, url, pair, logs, device_cpus)
-            for cell in phase:
-                rec = bench.run_cell(cell, url)
-                done += 1
-                eta = (time.perf_counter() - t0) / done * (total - done)
-                print(f"[{done:3d}/{total}] {cell.label()}: {_summary(rec)}  "
-                      f"(ETA {eta / 60:.1f} min)", flush=True)
+        return stack.enter_context(vllm_server(pair.target, logs / f"{name}.log", spec, **common))
+
+    def calibrate(url: str) -> dict[str, Any] | None:
+        rec = bench.run_cell(calibration_cell(), url)
+        bench.step_ms = rec["tpot_p50_ms"]
+        progress.line(f"calibration: target-only TPOT at batch 1 = {bench.step_ms:.2f} ms: RTTs "
+                      "are multiples of this")
+        return _external_check(bench, url, pair, logs, device_cpus) if plan.external_check \
+            else None
+
+    if plan.interleaved:  # every server up at once, cells in the plan's (round) order
+        with contextlib.ExitStack() as stack:
+            urls = {name: start(stack, i, name, spec)
+                    for i, (name, spec, _) in enumerate(servers, 1)}
+            for name, _, phase in servers:
+                _warm_up(bench, urls[name], phase[0] if phase else calibration_cell())
+            external = calibrate(urls["target"])
+            for cell in todo:
+                progress.cell(cell, bench.run_cell(cell, urls[cell.system.server]))
+    else:  # one server at a time
+        for i, (name, spec, phase) in enumerate(servers, 1):
+            with contextlib.ExitStack() as stack:
+                url = start(stack, i, name, spec)
+                _warm_up(bench, url, phase[0])
+                if name == "target":
+                    external = calibrate(url)
+                for cell in phase:
+                    progress.cell(cell, bench.run_cell(cell, url))
     return {
         "meta": {
             "command": command, "started": started.isoformat(timespec="seconds"),
             "duration_s": round(time.perf_counter() - t_start, 1), "machine": _machine(),
-            "pinning": (f"one vLLM server at a time (every process of it) on CPU(s) "
+            "pinning": (("every vLLM server up side by side, idle but one" if plan.interleaved
+                         else "one vLLM server at a time") + " (every process of it) on CPU(s) "
                         f"{sorted(edge_cpus)}; the device farm and the closed-loop clients in the "
                         f"benchmark process on CPU(s) {sorted(device_cpus)}, torch with 1 thread"),
             "pair": pair_name,
@@ -145,6 +172,19 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
         },
         "records": bench.records,
     }
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        self.done, self.total, self.t0 = 0, total, time.perf_counter()
+
+    def line(self, text: str) -> None:
+        self.done += 1
+        eta = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        print(f"[{self.done:3d}/{self.total}] {text}  (ETA {eta / 60:.1f} min)", flush=True)
+
+    def cell(self, cell: Cell, rec: dict[str, Any]) -> None:
+        self.line(f"{cell.label()}: {_summary(rec)}")
 
 
 def _warm_up(bench: CapacityBench, url: str, cell: Cell) -> None:

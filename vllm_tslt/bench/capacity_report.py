@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
+from vllm_tslt.bench.capacity import acceptance_from_moments
 from vllm_tslt.bench.report_plots import figure
 
 Record = dict[str, Any]
@@ -37,6 +39,59 @@ def _find(records: list[Record], **where: Any) -> list[Record]:
 def _one(records: list[Record], **where: Any) -> Record | None:
     found = _find(records, **where)
     return found[0] if found else None
+
+
+CELL_KEY = ("experiment", "system", "gamma", "num_devices", "rtt_over_step", "uplink_mbps")
+MEDIAN_FIELDS = ("server_tokens_per_s", "tokens_per_s_per_client", "tpot_p50_ms", "tpot_p95_ms",
+                 "ttft_p50_ms", "edge_step_ms", "draft_tokens_per_step", "edge_wait_ms_per_step",
+                 "edge_proxy_ms_per_step")
+
+
+def _cell_key(r: Record) -> tuple[Any, ...]:
+    return tuple(r.get(k) for k in CELL_KEY)
+
+
+def merge_rounds(records: list[Record]) -> list[Record]:
+    """One record per cell: a cell run in several rounds gets the median of each speed figure and
+    the acceptance of its rounds pooled (their per-round moments summed), with ``rounds`` = how
+    many. Cells run once are returned unchanged."""
+    groups: dict[tuple[Any, ...], list[Record]] = {}
+    for r in records:
+        groups.setdefault(_cell_key(r), []).append(r)
+    out = []
+    for rows in groups.values():
+        if len(rows) == 1:
+            out.append(rows[0])
+            continue
+        merged = {**rows[0], "rounds": len(rows)}
+        for f in MEDIAN_FIELDS:
+            xs = [r[f] for r in rows if r.get(f) is not None]
+            merged[f] = statistics.median(xs) if xs else None
+        moments = [r.get("acceptance_moments") for r in rows]
+        if all(moments):
+            pooled = {k: sum(m[k] for m in moments) for k in moments[0]}  # type: ignore[index]
+            alpha, ci, tokens = acceptance_from_moments(pooled)
+            merged.update(acceptance=alpha, acceptance_ci95=ci, acceptance_draft_tokens=tokens,
+                          acceptance_rounds=int(pooled.get("verify_rounds", 0)),
+                          acceptance_moments=pooled)
+        out.append(merged)
+    return out
+
+
+def round_ratios(records: list[Record], field: str = "tokens_per_s_per_client"
+                 ) -> dict[tuple[Any, ...], list[float]]:
+    """Per repeated one-device cell: its ratio to target-only *of the same round* (servers side
+    by side, cells of a round run back to back), one value per round."""
+    out: dict[tuple[Any, ...], list[float]] = {}
+    for r in records:
+        if r["system"] == "target-only" or r.get("round") is None:
+            continue
+        base = [b for b in records if b["system"] == "target-only"
+                and b.get("round") == r["round"] and b["experiment"] == r["experiment"]
+                and b["num_devices"] == r["num_devices"] and b["rtt_over_step"] == r["rtt_over_step"]]
+        if base and base[0].get(field) and r.get(field):
+            out.setdefault(_cell_key(r), []).append(r[field] / base[0][field])
+    return {k: v for k, v in out.items() if len(v) > 1}
 
 
 def batch1_tpot(data: dict[str, Any]) -> float | None:
@@ -117,7 +172,9 @@ def sweep_table(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_report(data: dict[str, Any], out: Path) -> Path:
-    meta, _recs = data["meta"], data["records"]
+    rounds = round_ratios(data["records"])
+    data = {**data, "records": merge_rounds(data["records"]), "round_ratios": rounds}
+    meta = data["meta"]
     plan = meta["plan"]
     b1 = batch1_tpot(data)
     lines = [
@@ -167,18 +224,28 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     one = [r for r in recs if r["num_devices"] == 1 and r["experiment"] in ("capacity", "sweep")]
     spread = noise_spread(data)
+    rounds = data.get("round_ratios") or {}
     for rtt, goal in ((2.0, 1.3), (0.5, 1.6)):
         base = _one(one, system="target-only", rtt_over_step=rtt)
         best = max((r for r in one if r["wire"] and r["rtt_over_step"] == rtt
                     and r["uplink_mbps"] == 10.0 and r["tokens_per_s_per_client"]),
                    key=lambda r: r["tokens_per_s_per_client"], default=None)
         if base and best and base["tokens_per_s_per_client"]:
-            x = best["tokens_per_s_per_client"] / base["tokens_per_s_per_client"]
+            per_round = rounds.get(_cell_key(best))
+            if per_round:  # interleaved rounds: the median ratio, decided by its range
+                x = statistics.median(per_round)
+                value = (f"{x:.2f}× (rounds {min(per_round):.2f}–{max(per_round):.2f}, "
+                         f"n = {len(per_round)}; {system_key(best)}, "
+                         f"{best['draft_tokens_per_step'] or 0:.2f} draft tokens/step)")
+                met = _decide_rounds(per_round, goal)
+            else:
+                x = best["tokens_per_s_per_client"] / base["tokens_per_s_per_client"]
+                value = (f"{x:.2f}× ({system_key(best)}, "
+                         f"{best['draft_tokens_per_step'] or 0:.2f} draft tokens/step)")
+                met = _decide(x, goal, spread, best)
             out.append({"name": f"one device, RTT = {rtt:g} × step, 10 Mbit/s: best TSLT "
-                                "tokens/s ÷ target-only",
-                        "value": f"{x:.2f}× ({system_key(best)}, "
-                                 f"{best['draft_tokens_per_step'] or 0:.2f} draft tokens/step)",
-                        "goal": f">= {goal}×", "met": _decide(x, goal, spread, best)})
+                                "tokens/s ÷ target-only", "value": value,
+                        "goal": f">= {goal}×", "met": met})
     for rtt in sorted({r["rtt_over_step"] for r in recs if r["experiment"] == "capacity"}):
         cell = [r for r in recs if r["experiment"] == "capacity" and r["num_devices"] == 16
                 and r["rtt_over_step"] == rtt]
@@ -202,7 +269,9 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     ratios = []
     for r in auto:
         base = _one(one, system="target-only", rtt_over_step=r["rtt_over_step"])
-        if base and base["tokens_per_s_per_client"]:
+        if _cell_key(r) in rounds:  # interleaved rounds: the median of the round ratios
+            ratios.append((statistics.median(rounds[_cell_key(r)]), r))
+        elif base and base["tokens_per_s_per_client"]:
             ratios.append((r["tokens_per_s_per_client"] / base["tokens_per_s_per_client"], r))
     if ratios:
         x, worst = min(ratios, key=lambda t: t[0])
@@ -222,6 +291,14 @@ def noise_spread(data: dict[str, Any]) -> float:
     return max(tpots) / min(tpots) if len(tpots) >= 2 else 1.0
 
 
+def _decide_rounds(ratios: list[float], goal: float) -> bool | None:
+    """Interleaved rounds: met when every round clears the goal, not met when the median misses
+    it, undecided in between."""
+    if min(ratios) >= goal:
+        return True
+    return False if statistics.median(ratios) < goal else None
+
+
 def _decide(x: float, goal: float, spread: float, rec: Record) -> bool | None:
     """True only if the ratio clears the goal by more than the run's cell-to-cell spread and the
     cell actually speculated; None (undecided) when it clears the goal only within the noise."""
@@ -237,9 +314,15 @@ def _targets_section(data: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     spread = noise_spread(data)
+    n_rounds = data["meta"]["plan"].get("rounds", 1)
+    how = (f"The one-device capacity cells ran in {n_rounds} interleaved rounds with every server "
+           "up side by side; a one-device ratio is each round's TSLT cell ÷ that round's "
+           "target-only cell, reported as the median and range over rounds: *met* when every "
+           "round clears the goal, *no* when the median misses it, else *undecided*. Cells run "
+           "once (the link sweep, 16 devices) " if n_rounds > 1 else "Each cell ran once. ")
     lines = [f"## Targets (issue 14; measured on the `{data['meta']['pair']}` pair)", "",
-             f"Each cell ran once. Target-only's TPOT p50 over its one-client cells varied by "
-             f"{spread:.2f}× (max / min) in this run, so a one-device ratio counts as met only "
+             how + f"Target-only's TPOT p50 over its one-client cells varied by "
+             f"{spread:.2f}× (max / min) in this run, so a single-cell ratio counts as met only "
              "when it clears the goal by more than that and the TSLT cell actually speculated "
              "(≥ 0.1 draft tokens per step); otherwise it is *undecided*.", "",
              "| target | measured | goal | met |", "| --- | --- | --- | --- |"]

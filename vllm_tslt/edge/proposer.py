@@ -18,6 +18,7 @@ import torch
 from vllm_tslt.core.estimators import DiscountedLine
 from vllm_tslt.core.float_q import FloatQ, concat_rows
 from vllm_tslt.core.sparsify import SparseQ
+from vllm_tslt.patches.draft_flag import DraftFlagWriter
 from vllm_tslt.patches.structured import cut_mode
 from vllm_tslt.protocol import Draft, EdgeStatus, vocab_fingerprint
 
@@ -95,7 +96,11 @@ class TsltProposer:
         model_name = served[0] if isinstance(served, list) else (served or model_config.model)
         self.hub: DraftHub | InertHub = InertHub()
         self.stats: StatsWriter | None = None
+        # Tells the engine core whether this step's draft round trip can be skipped (the output
+        # rank owns the hub: its answer is the one the scheduler takes).
+        self.draft_flag: DraftFlagWriter | None = None
         if self.parallel.owns_hub:
+            self.draft_flag = DraftFlagWriter()
             self.hub = DraftHub(self.config, vocab_size=self.vocab_size,
                                 vocab_fingerprint=_tokenizer_fingerprint(model_config),
                                 model_name=str(model_config.model if served is None
@@ -175,6 +180,8 @@ class TsltProposer:
             if rid not in self._pending and rid in self._committed:
                 self._extra_drafts[rid] = self._hand_out(rid, draft, self._committed[rid])
         self._handed = {rid: n for rid, (_, n) in self._pending.items()}
+        if self.draft_flag is not None:
+            self.draft_flag.set(bool(self._pending or self._extra_drafts or self._park_next))
         self._report_status(t0, len(req_ids))
         t3 = time.perf_counter()
         self.hub.count("proxy_steps")
