@@ -7,7 +7,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-wire
+.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-targets bench-wire
 
 setup:
 	@bash scripts/setup_env.sh
@@ -39,6 +39,11 @@ bench: setup models
 # The same in a small grid (within 10 minutes here); writes bench-quick/capacity/.
 bench-quick: setup models
 	$(PY) scripts/bench_capacity.py --quick
+
+# Issue 14's targets on the base pair: every server up side by side, the one-device cells in three
+# interleaved rounds, 16 devices, adaptive γ over the link sweep (docs/benchmarks/capacity-targets-base/).
+bench-targets: setup models-base
+	$(PY) scripts/bench_capacity.py --targets --pair base
 
 # Wire formats and links on the base pair: TSLT vs DSD vs TK-SLT (docs/benchmarks/e2e/report.md).
 bench-wire: setup models-base

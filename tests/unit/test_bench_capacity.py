@@ -192,3 +192,25 @@ def test_rounds_merge_to_medians_and_pooled_acceptance():
     assert met() is None  # the median clears it, one round does not
     ratios[key] = [1.65, 1.7, 1.61]
     assert met() is True
+
+
+def test_acceptance_pools_over_cells():
+    from vllm_tslt.bench.capacity_report import pooled_acceptance
+
+    recs, everything = [], []
+    for i, n in enumerate((5, 400, 300)):  # one cell with hardly any rounds
+        rounds = _rounds(n, 0.55, lambda rng: rng.choice((2, 4)), seed=10 + i)
+        everything += rounds
+        rec = _rec("TSLT top-p", 1, 0.5 * (i + 1), 100, 7.0, wire="tslt", gamma="auto")
+        rec["acceptance_moments"] = {
+            "verify_rounds": len(rounds), "round_draft_tokens": sum(d for d, _ in rounds),
+            "round_accepted": sum(a for _, a in rounds),
+            "round_accepted_sq": sum(a * a for _, a in rounds),
+            "round_accepted_x_draft": sum(a * d for d, a in rounds),
+            "round_draft_sq": sum(d * d for d, _ in rounds)}
+        recs.append(rec)
+    (row,) = pooled_acceptance(recs + [_rec("target-only", 1, 0.5, 100, 6.0)])
+    alpha, ci = _direct(everything)
+    assert row["system"] == "TSLT top-p γ=auto" and row["cells"] == 3
+    assert row["acceptance"] == pytest.approx(alpha) and row["acceptance_ci95"] == pytest.approx(ci)
+    assert row["rounds"] == 705
