@@ -49,11 +49,6 @@ def _share_vllm_log_handlers() -> None:
 def register() -> None:
     """Entry point called by vLLM's plugin loader. Idempotent."""
     global _registered
-    from .patches.draft_flag import mark_engine_core_process
-
-    # Before the guard: an engine core forked from a process that registered already still
-    # names itself, before vLLM starts its workers (they inherit it).
-    mark_engine_core_process()
     if _registered:
         return
     check_vllm_version()

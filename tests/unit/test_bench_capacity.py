@@ -209,7 +209,7 @@ def test_acceptance_pools_over_cells():
             "round_accepted_x_draft": sum(a * d for d, a in rounds),
             "round_draft_sq": sum(d * d for d, _ in rounds)}
         recs.append(rec)
-    (row,) = pooled_acceptance(recs + [_rec("target-only", 1, 0.5, 100, 6.0)])
+    (row,) = pooled_acceptance([*recs, _rec("target-only", 1, 0.5, 100, 6.0)])
     alpha, ci = _direct(everything)
     assert row["system"] == "TSLT top-p γ=auto" and row["cells"] == 3
     assert row["acceptance"] == pytest.approx(alpha) and row["acceptance_ci95"] == pytest.approx(ci)

@@ -3,8 +3,8 @@ trip only when the hub's worker said, after its last propose(), that it handed o
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,11 +36,26 @@ def test_reader_skips_only_after_the_writer_says_none(key):
     assert not draft_flag.flag_path(key).exists()
 
 
-def test_a_new_writer_forgets_a_stale_file(key):
-    draft_flag.flag_path(key).write_bytes(draft_flag.NO_DRAFTS)  # an earlier engine, same pid
-    writer = DraftFlagWriter(key)
-    assert not DraftFlagReader(key).no_drafts()
+def test_a_step_without_propose_takes_the_drafts(key):
+    """vLLM skips the drafter near max_model_len: the byte must not describe the step before."""
+    writer, reader = DraftFlagWriter(key), DraftFlagReader(key)
+    writer.set(False)
+    assert reader.no_drafts()
+    writer.step_begins()
+    assert not reader.no_drafts()
     writer.close()
+
+
+def test_a_planted_file_is_never_trusted(key):
+    path = draft_flag.flag_path(key)
+    path.write_bytes(draft_flag.NO_DRAFTS)  # someone else's byte, before our worker starts
+    path.chmod(0o644)
+    writer = DraftFlagWriter(key)  # exclusive create fails: the writer stays off
+    writer.set(False)
+    assert path.read_bytes() == draft_flag.NO_DRAFTS
+    path.chmod(0o666)
+    assert not DraftFlagReader(key).no_drafts()  # writable by others: not ours
+    path.unlink()
 
 
 def test_without_a_key_nothing_is_shared(monkeypatch):
@@ -50,10 +65,13 @@ def test_without_a_key_nothing_is_shared(monkeypatch):
     assert not DraftFlagReader().no_drafts()
 
 
-def test_only_the_engine_core_process_names_itself(monkeypatch):
+def test_the_executor_names_a_fresh_key_for_tslt_engines(monkeypatch):
     monkeypatch.delenv(draft_flag.ENV, raising=False)
-    draft_flag.mark_engine_core_process()  # pytest's process is no engine core
-    assert draft_flag.ENV not in os.environ
-    monkeypatch.setattr(multiprocessing.current_process(), "name", "EngineCore_DP1")
-    draft_flag.mark_engine_core_process()
-    assert os.environ[draft_flag.ENV] == str(os.getpid())
+    seen = []
+    init = draft_flag._wrap_executor_init(lambda self, cfg: seen.append(os.environ.get(
+        draft_flag.ENV)))
+    init(None, SimpleNamespace(additional_config={}))  # not a tslt engine: nothing set
+    init(None, SimpleNamespace(additional_config={"tslt": {"bind": "tcp://127.0.0.1:0"}}))
+    init(None, SimpleNamespace(additional_config={"tslt": {"bind": "tcp://127.0.0.1:0"}}))
+    assert seen[0] is None
+    assert seen[1] != seen[2] and all(k.startswith(f"{os.getpid()}-") for k in seen[1:])

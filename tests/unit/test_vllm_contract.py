@@ -225,19 +225,23 @@ def test_post_step_contract():
     assert "self.running" in inspect.getsource(Scheduler.__init__)
 
 
-def test_engine_core_process_name_contract():
-    """patches/draft_flag.py: vLLM names its engine core processes "EngineCore"/"EngineCore_DP<i>"
-    and loads plugins there before it builds the executor (whose workers inherit the name's env)."""
-    from vllm.v1.engine import utils
+def test_executor_init_contract():
+    """patches/draft_flag.py: the key set in Executor.__init__ (before _init_executor() starts the
+    workers) reaches them; EngineCore builds its executor in its own process."""
     from vllm.v1.engine.core import EngineCore
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    from vllm_tslt.patches.draft_flag import ENGINE_PROCESS_PREFIX
+    from vllm_tslt.patches import draft_flag
 
-    src = inspect.getsource(utils)
-    assert 'name=f"EngineCore_DP{global_index}" if is_dp else "EngineCore"' in src
-    assert ENGINE_PROCESS_PREFIX == "EngineCore"
-    init = inspect.getsource(EngineCore.__init__)
-    assert init.index("load_general_plugins()") < init.index("self.model_executor = ")
+    init = inspect.unwrap(Executor.__init__)  # vLLM's, patched or not
+    assert draft_flag.PATCH.owner == "vllm.v1.executor.abstract:Executor"
+    assert list(inspect.signature(init).parameters)[:2] == ["self", "vllm_config"]
+    assert "self._init_executor()" in inspect.getsource(init)
+    assert "super().__init__(vllm_config)" in inspect.getsource(MultiprocExecutor.__init__)
+    assert "WorkerProc.make_worker_process" in inspect.getsource(MultiprocExecutor._init_executor)
+    assert "self.model_executor = executor_class(vllm_config)" in \
+        inspect.getsource(EngineCore.__init__)
 
 
 def test_any_request_has_session():

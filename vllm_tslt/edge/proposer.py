@@ -143,6 +143,8 @@ class TsltProposer:
         to compute); vLLM finished or aborted `finished_req_ids`, so the last request of a burst
         is freed too."""
         self._step += 1
+        if self.draft_flag is not None:
+            self.draft_flag.step_begins()
         for rid in finished_req_ids or ():
             self.hub.end_request(rid, "finished")
             self._committed.pop(rid, None)

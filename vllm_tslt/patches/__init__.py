@@ -13,10 +13,20 @@ __all__ = ["Patch", "PatchError", "apply_all"]
 
 def apply_all() -> list[str]:
     """Apply every patch that the running process needs; returns the names applied now."""
-    from . import cpu_expand, engine, metrics, runner, scheduler, spec_config, structured
+    from . import (
+        cpu_expand,
+        draft_flag,
+        engine,
+        metrics,
+        runner,
+        scheduler,
+        spec_config,
+        structured,
+    )
 
     applied = []
-    for module in (cpu_expand, spec_config, runner, structured, scheduler, engine, metrics):
+    for module in (cpu_expand, spec_config, runner, structured, scheduler, engine, draft_flag,
+                   metrics):
         if module.apply():
             applied.append(module.__name__.rsplit(".", 1)[1])
     return applied

@@ -7,36 +7,63 @@ was handed a draft and none is to be parked. The worker writes that here; the en
 in ``post_step`` and skips the round trip when it says "none". Skipping is exactly what taking an
 empty answer does (the scheduler clears a request's drafts when it schedules them, so nothing
 stale is left to verify), so requests whose device is paused or late run at plain vLLM's cost.
+The byte is reset to UNKNOWN when a step begins, so a step whose ``propose()`` does not run (vLLM
+skips the drafter near max_model_len) takes the drafts as before.
 
-The byte lives in a file in /dev/shm (the temp dir elsewhere) named by the engine core's pid: the
-engine core sets ``VLLM_TSLT_ENGINE_CORE`` when vLLM loads plugins in it (vLLM names the process
-``EngineCore`` or ``EngineCore_DP<rank>``), and the worker processes it starts inherit it (the
-uniproc executor's worker runs in the same process). Where it is not set (an in-process engine),
-nothing is written or read and every step takes the drafts as before. The writer starts the file
-at UNKNOWN, so a file left by an earlier engine with a reused pid never skips a step.
+The byte lives in a file in /dev/shm (the temp dir elsewhere) named by a key that vLLM's executor
+creates in the engine core process, before it starts the workers (a wrapper of
+``Executor.__init__``: it runs there whether the engine core was forked or spawned, and in an
+in-process engine too); the key (pid + 64 random bits) reaches the workers through
+``VLLM_TSLT_ENGINE_CORE``, which they inherit. A fresh key per executor means no two servers share a
+byte, even across PID namespaces sharing /dev/shm; the writer creates the file exclusively (0600)
+and the reader only trusts a file of its own user, so nobody can plant a "no drafts" byte.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
-import multiprocessing
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
+
+from .patch import Patch
 
 logger = logging.getLogger(__name__)
 
 ENV = "VLLM_TSLT_ENGINE_CORE"
-ENGINE_PROCESS_PREFIX = "EngineCore"  # vllm.v1.engine.utils names its engine core processes so
 UNKNOWN, NO_DRAFTS, DRAFTS = b"\x00", b"\x01", b"\x02"
 
 
-def mark_engine_core_process() -> None:
-    """In vLLM's engine core process, name it for the workers it is about to start (plugin load)."""
-    if multiprocessing.current_process().name.startswith(ENGINE_PROCESS_PREFIX):
-        os.environ[ENV] = str(os.getpid())
+def new_key() -> str:
+    """A key for this engine's flag, set for the workers it is about to start."""
+    key = f"{os.getpid()}-{secrets.token_hex(8)}"
+    os.environ[ENV] = key
+    return key
+
+
+def _wrap_executor_init(original):
+    @functools.wraps(original)
+    def __init__(self, vllm_config, *args, **kwargs):
+        if (getattr(vllm_config, "additional_config", None) or {}).get("tslt"):
+            new_key()  # before _init_executor() starts the workers
+        return original(self, vllm_config, *args, **kwargs)
+
+    return __init__
+
+
+PATCH = Patch("vllm.v1.executor.abstract:Executor", "__init__", "0.32.0", _wrap_executor_init)
+
+
+def apply() -> bool:
+    if PATCH.applied:
+        return False
+    PATCH.apply()
+    return True
 
 
 def flag_path(key: str) -> Path:
@@ -55,8 +82,9 @@ class DraftFlagWriter:
             return
         self._path = flag_path(key)
         try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             os.pwrite(self._fd, UNKNOWN, 0)
+            self._last = UNKNOWN
             atexit.register(self.close)
         except OSError as e:  # the engine then takes every step's drafts (the old behaviour)
             logger.warning("TSLT: cannot share the draft flag (%s); no step skips the draft "
@@ -64,7 +92,14 @@ class DraftFlagWriter:
             self._fd = None
 
     def set(self, drafts: bool) -> None:
-        value = DRAFTS if drafts else NO_DRAFTS
+        """After propose(): whether it handed out any draft or park."""
+        self._write(DRAFTS if drafts else NO_DRAFTS)
+
+    def step_begins(self) -> None:
+        """A step begins: until its propose() says otherwise, drafts may come."""
+        self._write(UNKNOWN)
+
+    def _write(self, value: bytes) -> None:
         if self._fd is not None and value != self._last:
             os.pwrite(self._fd, value, 0)
             self._last = value
@@ -82,7 +117,7 @@ class DraftFlagReader:
     """The engine core's side: ``no_drafts()`` is True only when the writer said so."""
 
     def __init__(self, key: str | None = None) -> None:
-        self._key = key if key is not None else os.environ.get(ENV)
+        self._key: str | None = key if key is not None else os.environ.get(ENV)
         self._fd: int | None = None
 
     def no_drafts(self) -> bool:
@@ -90,7 +125,15 @@ class DraftFlagReader:
             if not self._key:
                 return False
             try:  # the worker creates the file when its proposer starts
-                self._fd = os.open(flag_path(self._key), os.O_RDONLY)
+                fd = os.open(flag_path(self._key), os.O_RDONLY)
             except OSError:
                 return False
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                os.close(fd)  # not our worker's file: never trust it (and stop looking)
+                logger.warning("TSLT: %s is not this user's private file; no step skips the "
+                               "draft round trip", flag_path(self._key))
+                self._key = None
+                return False
+            self._fd = fd
         return os.pread(self._fd, 1, 0) == NO_DRAFTS
