@@ -115,7 +115,7 @@ def run(plan: Plan, pair_name: str, edge_cpus: set[int], device_cpus: set[int],
 
     def start(stack: contextlib.ExitStack, i: int, name: str, spec: dict[str, Any] | None
               ) -> str:
-        if spec is not None and plan.interleaved:  # side by side: a hub each
+        if spec is not None and spec.get("method") == "tslt" and plan.interleaved:  # a hub each
             bench.hubs[name] = f"tcp://127.0.0.1:{free_port()}"
             spec = {**spec, "bind": bench.hubs[name]}
         print(f"[server {i}/{len(servers)}] starting {name} vLLM on CPU(s) {sorted(edge_cpus)} "
