@@ -338,8 +338,9 @@ def _targets_section(data: dict[str, Any]) -> list[str]:
     how = (f"The one-device capacity cells ran in {n_rounds} interleaved rounds with every server "
            "up side by side; a one-device ratio is each round's TSLT cell ÷ that round's "
            "target-only cell, reported as the median and range over rounds: *met* when every "
-           "round clears the goal, *no* when the median misses it, else *undecided*. Cells run "
-           "once (the link sweep, 16 devices) " if n_rounds > 1 else "Each cell ran once. ")
+           "round clears the goal, *no* when the median misses it, else *undecided*. The other "
+           "cells (16 devices, the link sweep) ran once. " if n_rounds > 1
+           else "Each cell ran once. ")
     lines = [f"## Targets (issue 14; measured on the `{data['meta']['pair']}` pair)", "",
              how + f"Target-only's TPOT p50 over its one-client cells varied by "
              f"{spread:.2f}× (max / min) in this run, so a single-cell ratio counts as met only "
