@@ -79,3 +79,19 @@ def test_pending_drafts_are_bounded_furthest_first(table) -> None:
     assert max(n for n, _ in pending) < len(PROMPT) + 5  # the furthest ahead went first
     table.close_session("s", "test")
     assert not table.requests["r"].pending
+
+
+def test_lateness_counts_a_draft_sent_ahead_as_in_time(table) -> None:
+    """The intake policy's lateness: a draft for a longer prefix answers no commit when it arrives
+    (measuring it from the current commit was the time since that commit, and took away the
+    commit time its own draft is measured from); promoted by its commit, it was in time (0)."""
+    table, session = table
+    table.advance("r", 4, [5])
+    _store(table, session, _draft([*PROMPT, 5, 6], [7]))  # ahead: assumes the next commit is [6]
+    assert session.lateness.estimate() is None
+    table.advance("r", 5, [6])  # it came true: the draft was there at its commit
+    assert session.lateness.estimate() == 0.0
+    table.advance("r", 6, [7])
+    _store(table, session, _draft([*PROMPT, 5, 6, 7], [8]))  # answers the commit just made
+    assert 0.0 < session.lateness.mean.value < 0.5  # since commit 6 (3 and 4 went with 5)
+    assert not table.requests["r"].commit_times

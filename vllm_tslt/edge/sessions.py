@@ -251,9 +251,12 @@ class SessionTable:
                 return True
             req.paused = False  # drafting again: wait for its drafts from now on
             # Lateness from the oldest commit this draft answers: a busy device drafts for the
-            # latest context only, so that is how long a request left waiting would wait.
-            answered = [n for n in req.commit_times if n <= draft.committed_len]
-            if answered:
+            # latest context only, so that is how long a request left waiting would wait. A draft
+            # sent ahead (for a longer prefix) answers no commit yet: if its prefix is committed,
+            # it was there in time (lateness 0, `_promote_locked`).
+            answered = [n for n in req.commit_times
+                        if n <= min(draft.committed_len, req.hasher.length)]
+            if answered and draft.committed_len <= req.hasher.length:
                 session.lateness.add(time.monotonic() - req.commit_times[min(answered)])
                 for n in answered:
                     del req.commit_times[n]
@@ -293,6 +296,13 @@ class SessionTable:
         hit = req.pending.pop((length, phash), None)
         if hit is not None:
             self.counters["drafts_ahead_hits"] += 1
+            answered = [n for n in req.commit_times if n <= length]
+            if length in answered:  # it was there in time for its commit
+                session = self.sessions.get(req.session_id)
+                if session is not None:
+                    session.lateness.add(0.0)
+            for n in answered:  # older commits the device skipped are answered too
+                del req.commit_times[n]
             current = req.drafts.get(length)
             if current is None or current.prefix_hash != phash:
                 req.drafts[length] = hit
