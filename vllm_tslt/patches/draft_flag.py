@@ -136,4 +136,6 @@ class DraftFlagReader:
                 self._key = None
                 return False
             self._fd = fd
+            with contextlib.suppress(OSError):  # both ends hold it open now: leave no file behind
+                flag_path(self._key).unlink()  # (a killed worker never runs its atexit)
         return os.pread(self._fd, 1, 0) == NO_DRAFTS
