@@ -491,7 +491,8 @@ def _sum_counters(stats: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _bytes_per_token(stats: list[dict[str, Any]]) -> float | None:
-    tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] for s in stats)
+    tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] + s["branch_tokens_sent"]
+                 for s in stats)
     sent = sum(s["client"]["bytes_sent"] for s in stats)
     return sent / tokens if tokens else None
 

@@ -145,8 +145,11 @@ class Bench:
         drafted = after["draft_tokens"] - before["draft_tokens"]
         accepted = after["accepted"] - before["accepted"]
         rounds = after["drafts"] - before["drafts"]
-        # Drafts sent ahead (for the sequence expected next) cost uplink bytes too.
-        sent_tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] for s in stats)
+        # Every draft message costs uplink bytes: the drafts for committed sequences, the drafts
+        # sent ahead (for the sequence expected next) and the send-ahead branches; bytes per draft
+        # token divides all the device's uplink bytes by all the draft tokens they carried.
+        sent_tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"]
+                          + s["branch_tokens_sent"] for s in stats)
         sent_bytes = sum(s["client"]["bytes_sent"] for s in stats)
         if not results:
             raise RuntimeError(f"{system.name}: every request of the cell failed (see the log)")
@@ -219,7 +222,7 @@ class Bench:
 def _minus(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     """Device counters of a cell without its warm-up request (gamma snapshot: the latest)."""
     out = dict(after)
-    for key in ("draft_tokens_sent", "ahead_tokens_sent", "steps_off"):
+    for key in ("draft_tokens_sent", "ahead_tokens_sent", "branch_tokens_sent", "steps_off"):
         out[key] = after[key] - before[key]
     out["client"] = {**after["client"],
                      "bytes_sent": after["client"]["bytes_sent"] - before["client"]["bytes_sent"]}
