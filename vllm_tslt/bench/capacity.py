@@ -31,6 +31,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_tslt.agent.link import LinkSpec
+from vllm_tslt.bench.capacity_stats import (  # noqa: F401 (re-exported: the statistics' old home)
+    EDGE_TIMES,
+    MOMENTS,
+    acceptance_from_moments,
+    acceptance_from_positions,
+    counters_delta,
+    quantile,
+    spec_counters,
+)
 from vllm_tslt.bench.runner import (
     COLOCATED,
     EDGE_ALONE,
@@ -46,10 +55,6 @@ logger = logging.getLogger(__name__)
 DOWNLINK_MBPS = 100.0
 EDGE_GAMMA_MAX = 8
 COLOCATED_GAMMA = 4
-MOMENTS = ("verify_rounds", "round_draft_tokens", "round_accepted", "round_accepted_sq",
-           "round_accepted_x_draft", "round_draft_sq")  # the edge's per-round moments
-# The edge's own time per step: waiting for drafts, and the proxy's work outside the wait.
-EDGE_TIMES = ("draft_wait_microseconds", "proxy_overhead_microseconds", "proxy_steps")
 MIN_ROUNDS = 10  # fewer verified rounds by the window's minimum: speculation is (mostly) off
 # The TSLT edge runs `intake: adaptive` (docs/intake.md); a second edge with `intake: wait` (the
 # default, every step waits for every draft) serves the same devices for comparison.
@@ -155,77 +160,6 @@ def cells(plan: Plan) -> list[Cell]:
         return [replace(c, round=i) for i in range(plan.rounds)
                 for c in out if c.repeated] + once
     return sorted(out, key=lambda c: SERVERS.index(c.system.server))  # stable: order kept
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-
-
-def acceptance_from_moments(m: dict[str, float]) -> tuple[float | None, float | None, int]:
-    """(acceptance, 95% CI half-width, draft tokens) from the edge's per-round moments
-    (vllm_tslt_verify_rounds, Σd, Σa, Σa², Σad, Σd² on /metrics).
-
-    Acceptance is the ratio Σa / Σd; rounds are the sampling units (the tokens of one round are
-    not independent), so the CI is the ratio estimator's: 1.96 · sqrt(n/(n−1) · Σ(a − α̂d)²) / Σd,
-    with Σ(a − α̂d)² = Σa² − 2α̂Σad + α̂²Σd²."""
-    n, d = m.get("verify_rounds", 0.0), m.get("round_draft_tokens", 0.0)
-    if n < 2 or d <= 0:
-        return None, None, int(d)
-    alpha = m["round_accepted"] / d
-    resid = m["round_accepted_sq"] - 2 * alpha * m["round_accepted_x_draft"] \
-        + alpha * alpha * m["round_draft_sq"]
-    return alpha, 1.96 * math.sqrt(max(0.0, resid) * n / (n - 1)) / d, int(d)
-
-
-def acceptance_from_positions(drafts: float, per_pos: list[float], gamma: int
-                              ) -> tuple[float | None, float | None, int]:
-    """The same from vLLM's counters for a fixed γ: ``drafts`` rounds and accepted counts per
-    position (accepted length L ≥ j + 1 in per_pos[j] rounds), so the distribution of L, and with
-    it the variance of the mean, is known exactly."""
-    if drafts < 2 or gamma < 1:
-        return None, None, int(drafts * gamma)
-    mean = sum(per_pos) / drafts
-    second = sum((2 * j + 1) * c for j, c in enumerate(per_pos)) / drafts
-    var = max(0.0, second - mean * mean)
-    return mean / gamma, 1.96 * math.sqrt(var / drafts) / gamma, int(drafts * gamma)
-
-
-def quantile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
-    out: dict[str, Any] = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0, "steps": 0.0,
-                           "per_pos": {}, **{k: 0.0 for k in (*MOMENTS, *EDGE_TIMES)}}
-    names = {"vllm:spec_decode_num_drafts_total": "drafts",
-             "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
-             "vllm:spec_decode_num_accepted_tokens_total": "accepted",
-             "vllm:iteration_tokens_total_count": "steps"}
-    for key, value in metrics.items():
-        name, _, labels = key.partition("{")
-        if name in names:
-            out[names[name]] += value
-        elif name.startswith("vllm_tslt_") and \
-                name[10:].removesuffix("_total") in (*MOMENTS, *EDGE_TIMES):
-            out[name[10:].removesuffix("_total")] += value
-        elif name == "vllm:spec_decode_num_accepted_tokens_per_pos_total":
-            pos = int(labels.split('position="')[1].split('"')[0])
-            out["per_pos"][pos] = out["per_pos"].get(pos, 0.0) + value
-    return out
-
-
-def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    out = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted", "steps",
-                                             *MOMENTS, *EDGE_TIMES)}
-    out["per_pos"] = [after["per_pos"].get(j, 0.0) - before["per_pos"].get(j, 0.0)
-                      for j in sorted(after["per_pos"])]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,17 +7,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vllm_tslt.bench.capacity import acceptance_from_moments
-from vllm_tslt.bench.report_plots import figure
+from vllm_tslt.bench.capacity_stats import (
+    Record,
+    cell_key,
+    merge_rounds,
+    pooled_acceptance,
+    round_ratios,
+    system_key,
+)
 
-Record = dict[str, Any]
 BASELINES = ("target-only", "colocated draft_model")
-
-
-def system_key(r: Record) -> str:
-    """'TSLT top-p gamma 4' etc.: the system and its γ (γ is part of what a user configures)."""
-    return r["system"] if r["gamma"] in ("-", None) or not r["wire"] else \
-        f"{r['system']} γ={r['gamma']}"
 
 
 def _fmt(x: float | None, spec: str = ".1f", none: str = "—") -> str:
@@ -39,78 +38,6 @@ def _find(records: list[Record], **where: Any) -> list[Record]:
 def _one(records: list[Record], **where: Any) -> Record | None:
     found = _find(records, **where)
     return found[0] if found else None
-
-
-CELL_KEY = ("experiment", "system", "gamma", "num_devices", "rtt_over_step", "uplink_mbps")
-MEDIAN_FIELDS = ("server_tokens_per_s", "tokens_per_s_per_client", "tpot_p50_ms", "tpot_p95_ms",
-                 "ttft_p50_ms", "edge_step_ms", "draft_tokens_per_step", "edge_wait_ms_per_step",
-                 "edge_proxy_ms_per_step")
-
-
-def _cell_key(r: Record) -> tuple[Any, ...]:
-    return tuple(r.get(k) for k in CELL_KEY)
-
-
-def merge_rounds(records: list[Record]) -> list[Record]:
-    """One record per cell: a cell run in several rounds gets the median of each speed figure and
-    the acceptance of its rounds pooled (their per-round moments summed), with ``rounds`` = how
-    many. Cells run once are returned unchanged."""
-    groups: dict[tuple[Any, ...], list[Record]] = {}
-    for r in records:
-        groups.setdefault(_cell_key(r), []).append(r)
-    out = []
-    for rows in groups.values():
-        if len(rows) == 1:
-            out.append(rows[0])
-            continue
-        merged = {**rows[0], "rounds": len(rows)}
-        for f in MEDIAN_FIELDS:
-            xs = [r[f] for r in rows if r.get(f) is not None]
-            merged[f] = statistics.median(xs) if xs else None
-        moments = [r.get("acceptance_moments") for r in rows]
-        if all(moments):
-            pooled = {k: sum(m[k] for m in moments) for k in moments[0]}  # type: ignore[index]
-            alpha, ci, tokens = acceptance_from_moments(pooled)
-            merged.update(acceptance=alpha, acceptance_ci95=ci, acceptance_draft_tokens=tokens,
-                          acceptance_rounds=int(pooled.get("verify_rounds", 0)),
-                          acceptance_moments=pooled)
-        out.append(merged)
-    return out
-
-
-def round_ratios(records: list[Record], field: str = "tokens_per_s_per_client"
-                 ) -> dict[tuple[Any, ...], list[float]]:
-    """Per repeated one-device cell: its ratio to target-only *of the same round* (servers side
-    by side, cells of a round run back to back), one value per round."""
-    out: dict[tuple[Any, ...], list[float]] = {}
-    for r in records:
-        if r["system"] == "target-only" or r.get("round") is None:
-            continue
-        base = [b for b in records if b["system"] == "target-only"
-                and b.get("round") == r["round"] and b["experiment"] == r["experiment"]
-                and b["num_devices"] == r["num_devices"] and b["rtt_over_step"] == r["rtt_over_step"]]
-        if base and base[0].get(field) and r.get(field):
-            out.setdefault(_cell_key(r), []).append(r[field] / base[0][field])
-    return {k: v for k, v in out.items() if len(v) > 1}
-
-
-def pooled_acceptance(records: list[Record]) -> list[dict[str, Any]]:
-    """Acceptance per TSLT system and γ, pooled over every cell of the run (their per-round
-    moments summed): acceptance is a property of the pair and the truncation, not of N or the
-    link, and a cell where speculation was mostly off verified too few drafts for its own CI."""
-    groups: dict[str, list[dict[str, float]]] = {}
-    for r in records:
-        if r.get("acceptance_moments"):
-            groups.setdefault(system_key(r), []).append(r["acceptance_moments"])
-    out = []
-    for key, moments in groups.items():
-        pooled = {k: sum(m[k] for m in moments) for k in moments[0]}
-        alpha, ci, tokens = acceptance_from_moments(pooled)
-        if alpha is not None:
-            out.append({"system": key, "cells": len(moments), "acceptance": alpha,
-                        "acceptance_ci95": ci, "draft_tokens": tokens,
-                        "rounds": int(pooled["verify_rounds"])})
-    return sorted(out, key=lambda r: r["system"])
 
 
 def batch1_tpot(data: dict[str, Any]) -> float | None:
@@ -228,6 +155,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
     lines += _sweep_section(data)
     lines += _pooled_section(data)
     lines += _external_section(meta)
+    from vllm_tslt.bench.capacity_plots import write_plots  # (it imports this module)
+
     plots = write_plots(data, out)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
@@ -251,7 +180,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                     and r["uplink_mbps"] == 10.0 and r["tokens_per_s_per_client"]),
                    key=lambda r: r["tokens_per_s_per_client"], default=None)
         if base and best and base["tokens_per_s_per_client"]:
-            per_round = rounds.get(_cell_key(best))
+            per_round = rounds.get(cell_key(best))
             if per_round:  # interleaved rounds: the median ratio, decided by its range
                 x = statistics.median(per_round)
                 value = (f"{x:.2f}× (rounds {min(per_round):.2f}–{max(per_round):.2f}, "
@@ -289,8 +218,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     ratios = []
     for r in auto:
         base = _one(one, system="target-only", rtt_over_step=r["rtt_over_step"])
-        if _cell_key(r) in rounds:  # interleaved rounds: the median of the round ratios
-            ratios.append((statistics.median(rounds[_cell_key(r)]), r))
+        if cell_key(r) in rounds:  # interleaved rounds: the median of the round ratios
+            ratios.append((statistics.median(rounds[cell_key(r)]), r))
         elif base and base["tokens_per_s_per_client"]:
             ratios.append((r["tokens_per_s_per_client"] / base["tokens_per_s_per_client"], r))
     if ratios:
@@ -468,84 +397,3 @@ def _external_section(meta: dict[str, Any]) -> list[str]:
             f"--max-concurrency {ext['num_clients']}` measured "
             f"{serve['output_throughput']:.0f} tok/s (median TPOT {serve['median_tpot_ms']:.1f} "
             f"ms, {serve['completed']} requests): ratio {_fmt(ext['ratio'], '.2f')}.", ""]
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------
-
-
-def write_plots(data: dict[str, Any], out: Path) -> list[Path]:
-    paths = []
-    for fn in (_plot_tokens_vs_devices, _plot_speedup_vs_rtt, _plot_capacity_bars):
-        p = fn(data, out)
-        if p is not None:
-            paths.append(p)
-    return paths
-
-
-def _plot_tokens_vs_devices(data: dict[str, Any], out: Path) -> Path | None:
-    cap = _find(data["records"], experiment="capacity")
-    rtts = sorted({r["rtt_over_step"] for r in cap})
-    if not rtts:
-        return None
-    fig, axes = figure(len(rtts))
-    for ax, rtt in zip(axes, rtts):
-        rows = [r for r in cap if r["rtt_over_step"] == rtt]
-        for i, key in enumerate(_ordered_systems(rows)):
-            mine = sorted((r for r in rows if system_key(r) == key and r["server_tokens_per_s"]),
-                          key=lambda r: r["num_devices"])
-            ax.plot([r["num_devices"] for r in mine], [r["server_tokens_per_s"] for r in mine],
-                    marker="o", label=key, color=f"C{i}",
-                    linestyle="--" if key in BASELINES else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("devices (closed-loop clients)")
-        ax.set_ylabel("server tokens/s")
-        ax.set_title(f"RTT = {rtt:g} × plain step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    path = out / "tokens_vs_devices.png"
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def _plot_speedup_vs_rtt(data: dict[str, Any], out: Path) -> Path | None:
-    rows = [r for r in sweep_table(data) if r["speedup"] is not None]
-    if not rows:
-        return None
-    fig, axes = figure(1)
-    ax = axes[0]
-    for i, (gamma, up) in enumerate(sorted({(r["gamma"], r["uplink_mbps"]) for r in rows})):
-        mine = sorted((r for r in rows if r["gamma"] == gamma and r["uplink_mbps"] == up),
-                      key=lambda r: r["rtt_over_step"])
-        ax.plot([r["rtt_over_step"] for r in mine], [r["speedup"] for r in mine], marker="o",
-                color=f"C{i}", label=f"γ={gamma}, {up:g} Mbit/s up")
-    ax.axhline(1.0, color="grey", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("RTT / edge plain step")
-    ax.set_ylabel("tokens/s ÷ target-only (one device)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    path = out / "speedup_vs_rtt.png"
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def _plot_capacity_bars(data: dict[str, Any], out: Path) -> Path | None:
-    rows = capacity_at_slo(data)
-    if not rows:
-        return None
-    rtts = sorted({r["rtt_over_step"] for r in rows})
-    fig, axes = figure(len(rtts))
-    for ax, rtt in zip(axes, rtts):
-        mine = [r for r in rows if r["rtt_over_step"] == rtt]
-        ax.barh([r["system"] for r in mine], [r["server_tokens_per_s"] or 0 for r in mine],
-                color=[f"C{i}" for i in range(len(mine))])
-        for y, r in enumerate(mine):
-            ax.text(0, y, f" N={r['max_devices'] if r['max_devices'] is not None else 'none'}",
-                    va="center", fontsize=7)
-        ax.set_xlabel("server tokens/s at the largest N within the SLO")
-        ax.set_title(f"RTT = {rtt:g} × step")
-    path = out / "capacity_at_slo.png"
-    fig.savefig(path, dpi=110)
-    return path
