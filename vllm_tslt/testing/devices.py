@@ -57,8 +57,7 @@ class ModelDevice(ScriptedPeer):
     """Drafts with a transformers model directory (the tiny pair's draft in the e2e tests)."""
 
     def __init__(self, endpoint: str, draft_dir: Any, gamma: int = 4, top_k: int = 16,
-                 mode: str = "draft", fingerprint: str | None = None, candidates: int = 1,
-                 stall_every: int = 0, stall_s: float = 0.0) -> None:
+                 mode: str = "draft", fingerprint: str | None = None, candidates: int = 1) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if mode not in ("draft", "garbage", "lying"):
@@ -68,9 +67,6 @@ class ModelDevice(ScriptedPeer):
         super().__init__(endpoint, self.model.config.vocab_size, "tiny-draft",
                          fingerprint=fingerprint or vocab_fingerprint(tok.get_vocab()))
         self.gamma, self.top_k, self.mode, self.candidates = gamma, top_k, mode, candidates
-        # Every stall_every-th draft leaves stall_s late (a device that is sometimes slow: the
-        # edge's intake policy then parks or decodes plainly some steps).
-        self.stall_every, self.stall_s, self._drafts = stall_every, stall_s, 0
 
     def start_after_handshake(self) -> ModelDevice:
         reply = self.handshake()
@@ -85,9 +81,6 @@ class ModelDevice(ScriptedPeer):
     @torch.no_grad()
     def on_context(self, request_id: str) -> None:
         seq = self.context(request_id)
-        self._drafts += 1
-        if self.stall_every and self._drafts % self.stall_every == 0:
-            time.sleep(self.stall_s)
         if self.mode == "garbage":
             self.send_bytes(b"\x93\x01\x04" + bytes(range(256)) * 3, "garbage")
         elif self.mode == "lying":
