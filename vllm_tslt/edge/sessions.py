@@ -254,9 +254,9 @@ class SessionTable:
             # latest context only, so that is how long a request left waiting would wait. A draft
             # sent ahead (for a longer prefix) answers no commit yet: if its prefix is committed,
             # it was there in time (lateness 0, `_promote_locked`).
-            answered = [n for n in req.commit_times
-                        if n <= min(draft.committed_len, req.hasher.length)]
-            if answered and draft.committed_len <= req.hasher.length:
+            answered = [n for n in req.commit_times if n <= draft.committed_len] \
+                if draft.committed_len <= req.hasher.length else []
+            if answered:
                 session.lateness.add(time.monotonic() - req.commit_times[min(answered)])
                 for n in answered:
                     del req.commit_times[n]
