@@ -33,6 +33,7 @@ from typing import Any
 from vllm_tslt.agent.link import LinkSpec
 from vllm_tslt.bench.capacity_stats import (  # noqa: F401 (re-exported: the statistics' old home)
     EDGE_TIMES,
+    INTAKE,
     MOMENTS,
     acceptance_from_moments,
     acceptance_from_positions,
@@ -90,7 +91,15 @@ class Plan:
     name: str = "full"
 
     @staticmethod
-    def make(quick: bool = False, targets: bool = False) -> Plan:
+    def make(quick: bool = False, targets: bool = False, intake: bool = False) -> Plan:
+        if intake:
+            # Issue 14's intake A/B: one device at RTT 0.5 and 2 × step, the TSLT edge with
+            # `intake: adaptive` (γ = 4 and adaptive γ), the edge alone and `intake: wait`, beside
+            # target-only in 3 interleaved rounds (no colocated drafting, no link sweep).
+            return Plan(False, devices=(1,), tslt=((TSLT_P, "4"), (TSLT_P, "auto")),
+                        intake_wait=((TSLT_P_WAIT, "4"),), sweep_rtts=(), colocated_devices=(),
+                        min_window_s=8.0, max_window_s=20.0, external_check=False, rounds=3,
+                        name="intake")
         if targets:
             # Issue 14's targets: one device at RTT 0.5 and 2 × step in 3 interleaved rounds,
             # 16 devices once, and adaptive γ over the whole link sweep.
@@ -372,6 +381,7 @@ class CapacityBench:
             "uplink_bytes_per_draft_token": _bytes_per_token(device_stats),
             "farm": _farm_delta(farm_stats, farm_before) if farm_stats else None,
             "device_counters": _sum_counters(device_stats) if farm else None,
+            "intake": {k: int(delta[k]) for k in INTAKE} if farm else None,
         }
         self.records.append(rec)
         return rec

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", action="store_true",
                    help="issue 14's targets only: one device in 3 interleaved rounds with every "
                         "server up side by side, 16 devices, adaptive γ over the link sweep")
+    p.add_argument("--intake", action="store_true",
+                   help="issue 14's intake A/B only: one device at RTT 0.5 and 2 x step, the edge "
+                        "with intake adaptive (gamma 4 and auto), alone and with intake wait, "
+                        "beside target-only in 3 interleaved rounds (about 12 minutes)")
     p.add_argument("--pair", default="tiny", help="built-in model pair (default tiny)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default docs/benchmarks/capacity, or "
@@ -55,14 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "vllm_tslt.agent.client", "vllm_tslt.agent.runtime"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.quick and args.targets:
-        raise SystemExit("--quick and --targets are two different plans: choose one")
+    if args.quick + args.targets + args.intake > 1:
+        raise SystemExit("--quick, --targets and --intake are different plans: choose one")
     default_out = ("bench-quick/capacity" if args.quick else
                    f"docs/benchmarks/capacity{'-targets' if args.targets else ''}"
+                   f"{'-intake' if args.intake else ''}"
                    f"{'' if args.pair == 'tiny' else '-' + args.pair}")
     out = args.out or Path(default_out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan.make(args.quick, args.targets)
+    plan = Plan.make(args.quick, args.targets, args.intake)
     command = " ".join(["python scripts/bench_capacity.py", *(argv or sys.argv[1:])])
     data = run(plan, args.pair, _cpus(args.edge_cpus, "--edge-cpus"),
                _cpus(args.device_cpus, "--device-cpus"), args.device_draft_ms_per_token, command)
