@@ -214,3 +214,14 @@ def test_acceptance_pools_over_cells():
     assert row["system"] == "TSLT top-p γ=auto" and row["cells"] == 3
     assert row["acceptance"] == pytest.approx(alpha) and row["acceptance_ci95"] == pytest.approx(ci)
     assert row["rounds"] == 705
+
+
+def test_intake_plan_is_the_one_device_ab() -> None:
+    """--intake: one device, both capacity RTTs, target-only beside every edge system, in 3
+    interleaved rounds; no co-located server, no sweep."""
+    plan = Plan.make(intake=True)
+    todo = cells(plan)
+    assert {c.num_devices for c in todo} == {1} and {c.experiment for c in todo} == {"capacity"}
+    assert {c.round for c in todo} == {0, 1, 2}
+    assert {c.system.server for c in todo} == {"target", "edge", "edge-wait"}
+    assert len(todo) == 3 * len(plan.capacity_rtts) * 5

@@ -50,13 +50,3 @@ def test_targets_are_computed_from_the_records() -> None:
     adaptive = got["TSLT top-p, adaptive gamma: lowest speedup over all links"]
     assert adaptive["met"] is False and adaptive["value"] == "0.90×"
 
-
-def test_intake_plan_is_the_one_device_ab() -> None:
-    """--intake: one device, both capacity RTTs, target-only beside every edge system, in 3
-    interleaved rounds; no co-located server, no sweep."""
-    plan = Plan.make(intake=True)
-    todo = cells(plan)
-    assert {c.num_devices for c in todo} == {1} and {c.experiment for c in todo} == {"capacity"}
-    assert {c.round for c in todo} == {0, 1, 2}
-    assert {c.system.server for c in todo} == {"target", "edge", "edge-wait"}
-    assert len(todo) == 3 * len(plan.capacity_rtts) * 5
