@@ -123,3 +123,28 @@ def test_measured_rate_overrides_an_optimistic_model():
     ctl.observe_interval(5, 0.010)  # the link got better: 5 tokens in 10 ms
     assert ctl.measured_speedup() > 1.05  # one probe weighs as much as the old evidence
     assert ctl.choose(now=101.3) == 4 and ctl.enabled
+
+
+def test_a_step_decoded_without_the_draft_is_not_a_rejection():
+    """Protocol 3: the commit says how many draft tokens the edge verified. A plain step whose
+    token differs from the draft's first one (0 verified) must not count as a rejection at
+    position 0 (before, it did, and the acceptance estimate sank whenever the edge's intake
+    decoded plainly); a verified prefix shorter than the draft is a round of that length."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from vllm_tslt.agent.runtime import DraftRuntime, SentDraft
+    from vllm_tslt.protocol import Commit
+
+    ctl = GammaController(AdaptiveConfig())
+    agent = SimpleNamespace(counters=Counter(), gamma_ctl=ctl)
+    sent = SentDraft(10, [5, 6, 7, 8], 0.0, 40)
+    alpha = ctl.alpha
+    assert not DraftRuntime._observe_round(agent, sent, Commit(1, 11, (9,), verified=0), 0.01)
+    assert ctl.alpha == alpha and ctl.rounds == 0 and agent.counters["drafts_unused"] == 1
+    assert DraftRuntime._observe_round(agent, sent, Commit(1, 11, (9,), verified=4), 0.01)
+    assert ctl.alpha < alpha and agent.counters["accepted_tokens"] == 0  # a real rejection at 0
+    before = ctl.alpha
+    assert DraftRuntime._observe_round(agent, sent, Commit(1, 13, (5, 6, 4), verified=2), 0.01)
+    assert agent.counters["accepted_tokens"] == 2 and ctl.alpha > before  # 2 of 2: no rejection
+    assert agent.counters["rounds"] == 2

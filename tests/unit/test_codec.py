@@ -118,6 +118,7 @@ def test_other_messages_round_trip() -> None:
         Handshake(PROTOCOL_VERSION, V, "ab" * 16, "tiny-target", ("multi_candidate",), {"max_k": 64}, "s3ss10n"),
         RequestStart(1, "req-1", "sess", (1, 2, 999), {"temperature": 0.7, "seed": 3, "stop": [5, 6], "x": None}),
         Commit(1, 10, (4, 5, 6)),
+        Commit(1, 10, (4, 5, 6), verified=4),
         Commit(1, 0, ()),
         End(1, "finished"),
         Error("bad_counts", "row 2", "req-1"),
@@ -218,7 +219,7 @@ def test_golden_bytes() -> None:
 
 
 GOLDEN_SIZES = [433, 116, 32]
-GOLDEN_DIGEST = "1b06fabd9ff36f70"
+GOLDEN_DIGEST = "aae0a66c5dbdf174"  # protocol 3 (the version byte)
 
 
 def test_refusals_by_reason() -> None:
@@ -244,7 +245,13 @@ def test_refusals_by_reason() -> None:
     assert _reason(wide, DecodeLimits(vocab_size=V, max_k=32)) == Reason.TOO_LARGE
     assert _reason(encode(Commit(1, 3, (1, 2, V)))) == Reason.OUT_OF_RANGE
     assert _reason(encode(Commit(1, 1, (1, 2)))) == Reason.OUT_OF_RANGE  # committed_len < new
-    assert _reason(pack_frame(MsgType.COMMIT, [1, 3, b"\x00" * 5])) == Reason.MALFORMED
+    assert _reason(pack_frame(MsgType.COMMIT, [1, 3, b"\x00" * 5, 0])) == Reason.MALFORMED
+    # protocol 3: a commit says how many draft tokens were verified; v2's 3-field commit is refused
+    assert _reason(pack_frame(MsgType.COMMIT, [1, 3, b"\x00" * 4])) == Reason.MALFORMED
+    assert _reason(pack_frame(MsgType.COMMIT, [1, 3, b"\x00" * 4, -1])) == Reason.OUT_OF_RANGE
+    for bad in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="verified"):
+            encode(Commit(1, 3, (1,), verified=bad))
     big_prompt = encode(RequestStart(1, "r", "s", tuple(range(100)), {}))
     assert _reason(big_prompt, DecodeLimits(vocab_size=V, max_prompt_len=99)) == Reason.TOO_LARGE
     nan = pack_frame(MsgType.REQUEST_START, [1, "r", "s", b"", {"temperature": math.nan}])

@@ -309,7 +309,7 @@ def test_out_of_range_counts_and_columns_are_refused_by_reason() -> None:
     nan_params = msgpack.packb([PROTOCOL_VERSION, int(MsgType.REQUEST_START), 1, "r", "s", b"",
                                 {"t": [1.0, float("-inf")]}], use_bin_type=True)
     assert decode_or_refuse(nan_params) == "refused:non_finite"
-    huge = msgpack.packb([PROTOCOL_VERSION, int(MsgType.COMMIT), 1, 2**64 - 1, b""],
+    huge = msgpack.packb([PROTOCOL_VERSION, int(MsgType.COMMIT), 1, 2**64 - 1, b"", 0],
                          use_bin_type=True)
     assert decode_or_refuse(huge) == "refused:out_of_range"
 

@@ -156,3 +156,64 @@ def test_intake_options_are_validated_naming_the_option():
     for bad in (-1, 65, 1.5, True):
         with pytest.raises(TsltConfigError, match=r"speculative_config\.intake_max_park_steps"):
             TsltConfig(intake_max_park_steps=bad)
+
+
+def test_verifying_a_draft_costs_the_whole_batch():
+    # g = 2 tokens of a 10 ms step gain 20 ms; waiting 8 ms for 1 request costs 8: worth 12 ms
+    # request-seconds without verification cost. At 1.5 ms per draft token a 4-token draft costs
+    # the one running request 6 ms (14 - 8 = 6 > 0: still waits); at 4 ms it costs 16 (no wait).
+    pending = [Pending("a", 0.008, 2.0, draft_tokens=4)]
+    free = decide_intake(pending, costs(running=1, batch=1))
+    assert free.wait_for == {"a"} and free.value_s == pytest.approx(0.020 - 0.008)
+    cheap = decide_intake(pending, IntakeCosts(STEP, 1, 1, 0.2, 2, "adaptive", 0.0015))
+    assert cheap.wait_for == {"a"} and cheap.value_s == pytest.approx(0.020 - 0.006 - 0.008)
+    dear = decide_intake(pending, IntakeCosts(STEP, 1, 1, 0.2, 2, "adaptive", 0.004))
+    assert dear.wait_for == set() and dear.wait_s == 0.0
+    # A park's verification step is longer for every running request too: 3 running, 1 ms per
+    # token, 4 tokens: 12 ms against (3 - 1)·10 = 20: parks (value 8 ms); at 2 ms per token: no.
+    three = [Pending("a", 0.008, 3.0, draft_tokens=4)]
+    park = decide_intake(three, IntakeCosts(STEP, 3, 3, 0.2, 2, "adaptive", 0.001))
+    assert park.park == {"a"} and park.value_s == pytest.approx(0.008)
+    assert decide_intake(three, IntakeCosts(STEP, 3, 3, 0.2, 2, "adaptive", 0.002)).park == set()
+
+
+class DraftOf:
+    """What the hub hands out: only `gamma` matters to the intake."""
+
+    def __init__(self, gamma):
+        self.gamma = gamma
+
+
+class ArrivingHub(FakeHub):
+    """Every request's draft is in flight (due in `eta`) and arrives when collected."""
+
+    def __init__(self, eta, gamma):
+        super().__init__(eta, late=set())
+        self.gamma, self.seen = gamma, []
+
+    def in_flight(self, request_ids):
+        return {rid: self.eta for rid in request_ids}
+
+    def collect(self, request_ids, deadline_s, wait_for=None, defer=()):
+        self.seen.append((deadline_s, frozenset(wait_for or ())))
+        return {rid: DraftOf(self.gamma) for rid in wait_for or ()}
+
+
+def test_gather_takes_the_engines_fitted_step_cost_and_the_last_draft_length():
+    intake = Intake("adaptive", 0.2, max_park_steps=0)
+    for _ in range(3):
+        intake.observe("a", 3)  # τ = 3: g = 2
+    hub = ArrivingHub(eta=0.008, gamma=4)
+    # No step cost given and no step measured: waits as `intake: wait` does (the first step).
+    intake.gather(hub, ["a"], 1)
+    assert hub.seen[-1] == (0.2, {"a"}) and intake._draft_len["a"] == 4
+    # Fitted step 10 ms, 1 ms per draft token: 2·10 - 4·1 - 8 > 0: waits for it.
+    intake._end = None
+    intake.gather(hub, ["a"], 1, step_cost=(STEP, 0.001))
+    assert hub.seen[-1][1] == {"a"}
+    # 4 ms per draft token: the 4-token draft costs more than it gains: decoded plainly.
+    intake._end = None
+    intake.gather(hub, ["a"], 1, step_cost=(STEP, 0.004))
+    assert hub.seen[-1] == (0.0, set())
+    intake.forget("a")
+    assert "a" not in intake._draft_len

@@ -248,12 +248,12 @@ class DraftRuntime:
         now = time.monotonic()
         self.counters["commits"] += 1
         sent, state = track.sent, track.state
-        used = sent is not None and sent.committed_len == state.committed_len and \
-            self._observe_round(sent, msg.new_tokens, now)
+        if sent is not None and sent.committed_len == state.committed_len:
+            self._observe_round(sent, msg, now)
         if track.last_commit_at is not None:
             if track.gamma:  # we were drafting for this interval: what did it deliver?
                 self.gamma_ctl.observe_interval(len(msg.new_tokens), now - track.last_commit_at)
-            elif not used and len(msg.new_tokens) == 1:
+            elif msg.verified == 0 and len(msg.new_tokens) == 1:
                 # The edge decoded this step alone: the target-only step time we compare against.
                 self.gamma_ctl.observe_target_step(now - track.last_commit_at)
         branch = self._take_branch(track, msg)
@@ -304,20 +304,20 @@ class DraftRuntime:
         self.counters["branch_rounds"] += int(any(b.sent is not None for b in branches))
         return hit
 
-    def _observe_round(self, sent: SentDraft, new_tokens: tuple[int, ...], now: float) -> bool:
-        """Feed the estimator with a verified round; False if the edge did not use the draft."""
-        accepted = 0
-        while accepted < min(len(sent.tokens), len(new_tokens)) and \
-                sent.tokens[accepted] == new_tokens[accepted]:
-            accepted += 1
-        if len(new_tokens) == 1 and accepted == 1:
-            # The edge emitted our first draft token alone: it decoded without our draft (late).
+    def _observe_round(self, sent: SentDraft, msg: Commit, now: float) -> bool:
+        """Feed the estimator with a verified round; False if the edge did not use the draft
+        (the commit says it verified none of it: late, paused or declined by its intake)."""
+        if msg.verified == 0:
             self.counters["drafts_unused"] += 1
             return False
+        gamma = min(len(sent.tokens), msg.verified)  # the edge may verify a prefix only
+        accepted = 0
+        while accepted < min(gamma, len(msg.new_tokens)) and \
+                sent.tokens[accepted] == msg.new_tokens[accepted]:
+            accepted += 1
         self.counters["rounds"] += 1
         self.counters["accepted_tokens"] += accepted
-        self.gamma_ctl.observe_round(len(sent.tokens), accepted, sent.num_bytes,
-                                     now - sent.sent_at)
+        self.gamma_ctl.observe_round(gamma, accepted, sent.num_bytes, now - sent.sent_at)
         return True
 
     def _choose_gamma(self, track: Track) -> int:

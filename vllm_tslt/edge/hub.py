@@ -129,8 +129,10 @@ class DraftHub:
         return True
 
     @_never_raises(lambda: None, per_request=True)
-    def commit(self, request_id: str, committed_len: int, new_tokens: Sequence[int]) -> None:
-        """The request's sequence is now committed_len tokens long, ending with new_tokens."""
+    def commit(self, request_id: str, committed_len: int, new_tokens: Sequence[int],
+               verified: int = 0) -> None:
+        """The request's sequence is now committed_len tokens long, ending with new_tokens, emitted
+        by a step that verified `verified` draft tokens of the request (0: decoded plainly)."""
         try:
             bound = self.table.advance(request_id, committed_len, new_tokens)
         except CommitLengthError as exc:
@@ -138,7 +140,7 @@ class DraftHub:
             return
         if bound is not None:
             identity, handle = bound
-            self.io.send(identity, Commit(handle, committed_len, tuple(new_tokens)))
+            self.io.send(identity, Commit(handle, committed_len, tuple(new_tokens), int(verified)))
 
     @_never_raises(lambda: None, per_request=True)
     def end_request(self, request_id: str, reason: str) -> None:

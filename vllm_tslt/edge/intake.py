@@ -74,6 +74,7 @@ class Pending:
     gain_tokens: float  # expected tokens a drafted step emits beyond a plain step's one
     parked_steps: int = 0  # steps it has been parked in a row
     in_batch: bool = True  # ran in the step just finished (False: parked out of it)
+    draft_tokens: float = 0.0  # expected length of its draft (its last one's; 0: unknown)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class IntakeCosts:
     max_wait_s: float  # speculative_config.draft_deadline_ms: no wait is longer
     max_park_steps: int  # speculative_config.intake_max_park_steps (0: never park)
     mode: str = "adaptive"  # speculative_config.intake
+    verify_s_per_token: float = 0.0  # what each draft token verified adds to a step
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,15 @@ class IntakeDecision:
 def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecision:
     """The intake policy: what maximises the batch's progress, in request-seconds.
 
-    With s the step time and g_r = τ_r - 1 the tokens a draft adds to request r's next step:
+    With s the (plain) step time, g_r = τ_r - 1 the tokens a draft adds to request r's next step,
+    and v_r = c·γ_r·running what verifying its γ_r draft tokens costs the batch (c: the step's
+    cost per draft token; every running request waits for the longer step):
 
-    - waiting W gains g_r·s for every r whose draft is due within W (eta_r <= W) and costs
-      W·running (every running request stalls): value(W) = Σ_{eta_r <= W} g_r·s - running·W;
+    - waiting W gains g_r·s - v_r for every r whose draft is due within W (eta_r <= W) and costs
+      W·running (every running request stalls): value(W) = Σ_{eta_r <= W} (g_r·s - v_r) - running·W;
     - parking r for k = max(1, ⌈eta_r / s⌉) steps turns k + 1 plain tokens into τ_r = g_r + 1:
-      (g_r - k)·s, allowed while parked_steps + k <= max_park_steps and while someone else runs
-      in the next step (an empty step hands no drafts over);
+      (g_r - k)·s - v_r, allowed while parked_steps + k <= max_park_steps and while someone else
+      runs in the next step (an empty step hands no drafts over);
     - plain decoding is the baseline (0).
 
     W is chosen among 0 and the etas within max_wait_s; each request not covered by W is parked
@@ -121,7 +125,10 @@ def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecis
     # anyway (SessionTable.store_draft), so it is known after its first draft.
     pending = [p if p.eta_s is not None else dataclasses.replace(p, eta_s=costs.max_wait_s)
                for p in pending]
-    park_value = {p.request_id: _park_value(p, s, costs.max_park_steps) for p in pending}
+    verify = {p.request_id: costs.verify_s_per_token * p.draft_tokens * costs.running
+              for p in pending}
+    park_value = {p.request_id: _park_value(p, s, costs.max_park_steps) - verify[p.request_id]
+                  for p in pending}
     best = IntakeDecision(0.0, frozenset(), frozenset(), -math.inf)
     waits = sorted({0.0} | {p.eta_s for p in pending if p.eta_s <= costs.max_wait_s})
     for allow_park in (True, False):
@@ -129,8 +136,9 @@ def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecis
             value, wait_for, park = -costs.running * w, set(), set()
             for p in pending:
                 if p.eta_s <= w:
-                    if p.gain_tokens > 0:  # (a draft that adds nothing is not waited for)
-                        value += p.gain_tokens * s
+                    gain = p.gain_tokens * s - verify[p.request_id]
+                    if gain > 0:  # (a draft that adds nothing is not waited for)
+                        value += gain
                         wait_for.add(p.request_id)
                 elif allow_park and park_value[p.request_id] > 0:
                     value += park_value[p.request_id]
@@ -180,6 +188,8 @@ class Intake:
         self.parked: dict[str, int] = {}  # request -> steps parked in a row (parked now)
         self._tokens: dict[str, Ewma] = {}  # request -> tokens per drafted step
         self._tokens_all = Ewma(TOKENS_HALF_LIFE)  # every request: the prior of a new one
+        self._draft_len: dict[str, int] = {}  # request -> its last draft's length
+        self._draft_len_all = 0  # the last draft's length of any request (0: none yet)
         self._step = Ewma(STEP_HALF_LIFE)
         self._end: float | None = None
         self._batch: frozenset[str] = frozenset()
@@ -202,18 +212,22 @@ class Intake:
     def forget(self, request_id: str) -> None:
         self.parked.pop(request_id, None)
         self._tokens.pop(request_id, None)
+        self._draft_len.pop(request_id, None)
 
     def gain_tokens(self, request_id: str) -> float:
         est = self._tokens.get(request_id)
         tau = est.value if est is not None and est.value is not None else self._tokens_all.value
         return (PRIOR_TOKENS_PER_DRAFT if tau is None else tau) - 1.0
 
-    def gather(self, hub: Any, batch: Sequence[str], batch_size: int
-               ) -> tuple[dict[str, Any], list[str]]:
+    def gather(self, hub: Any, batch: Sequence[str], batch_size: int,
+               step_cost: tuple[float, float] | None = None) -> tuple[dict[str, Any], list[str]]:
         """Drafts for the bound requests of the step just finished (`batch`) and for the parked
         ones, after at most the wait the policy chose; and the requests to park next step.
 
-        `batch_size` counts every request of the step just finished, bound or not.
+        `batch_size` counts every request of the step just finished, bound or not. `step_cost`:
+        the engine's fitted step time (a plain step, seconds per draft token verified), e.g. the
+        proposer's `StepCost`; without it the step time is this object's own average and
+        verifying a draft is taken to cost nothing.
         """
         now = time.perf_counter()
         if self._end is not None and not self._batch.isdisjoint(batch):
@@ -224,13 +238,19 @@ class Intake:
         candidates = [*batch, *returning]
         in_flight = hub.in_flight(candidates) if candidates else {}
         pending = [Pending(rid, eta, self.gain_tokens(rid), self.parked.get(rid, 0),
-                           rid not in self.parked) for rid, eta in in_flight.items()]
+                           rid not in self.parked, self._draft_len.get(rid, self._draft_len_all))
+                   for rid, eta in in_flight.items()]
+        step_s, verify_s = self.step_s, 0.0
+        if step_cost is not None and step_cost[0] > 0:
+            step_s, verify_s = step_cost
         decision = decide_intake(pending, IntakeCosts(
-            self.step_s, batch_size + len(returning), batch_size, self.max_wait_s,
-            self.max_park_steps, self.mode))
+            step_s, batch_size + len(returning), batch_size, self.max_wait_s,
+            self.max_park_steps, self.mode, verify_s))
         drafts = hub.collect(candidates, decision.wait_s, wait_for=decision.wait_for,
                              defer=decision.park) if candidates else {}
         park = [rid for rid in candidates if rid in decision.park and rid not in drafts]
+        for rid, draft in drafts.items():
+            self._draft_len[rid] = self._draft_len_all = int(draft.gamma)
         self.last_decision = decision
         self._count(hub, decision, pending, drafts, park, returning)
         self.parked = {rid: self.parked.get(rid, 0) + 1 for rid in park}

@@ -61,11 +61,13 @@ class StepCost:
     def step_ended(self, now: float, req_ids: list[str], draft_tokens: int) -> None:
         self._end, self._batch, self._draft_tokens = now, frozenset(req_ids), draft_tokens
 
+    def fit(self) -> tuple[float, float] | None:
+        """(a, c) in seconds; None before the first step was measured."""
+        return self.line.fit() if self.line.count else None
+
     def status(self, running: int) -> EdgeStatus | None:
-        if self.line.count == 0:
-            return None
-        a, c = self.line.fit()
-        return EdgeStatus(a * 1e3, c * 1e3, running)
+        fit = self.fit()
+        return None if fit is None else EdgeStatus(fit[0] * 1e3, fit[1] * 1e3, running)
 
 
 def request_params(sampling_params: Any, max_gamma: int) -> dict[str, Any]:
@@ -170,7 +172,8 @@ class TsltProposer:
                             token_ids_cpu):
                 bound.append(rid)
         t1 = time.perf_counter()
-        drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids))
+        drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids),
+                                                      self.step_cost.fit())
                                    if bound or self.intake.parked else ({}, []))
         t2 = time.perf_counter()
         out: list[list[int]] = []
@@ -274,7 +277,8 @@ class TsltProposer:
             return False
         length = int(num_tokens_no_spec[i])
         if length > sent:
-            self.hub.commit(rid, length, token_ids_cpu[i, sent:length].tolist())
+            self.hub.commit(rid, length, token_ids_cpu[i, sent:length].tolist(),
+                            self._handed.get(rid, 0))
             self._committed[rid] = length
         # A request that reached max_tokens ends with this step: no draft to wait for.
         return length < self._max_len.get(rid, 1 << 62)

@@ -68,8 +68,11 @@ def encode(msg: Message) -> bytes:
         fields = [_handle(msg.handle), msg.committed_len, msg.prefix_hash, *header, payload]
         return pack_frame(MsgType.DRAFT, fields)
     if isinstance(msg, Commit):
+        if not is_int(msg.verified) or not 0 <= msg.verified <= MAX_SEQ_LEN:
+            raise ValueError(f"Commit.verified must be an int in [0, {MAX_SEQ_LEN}], got "
+                             f"{msg.verified!r}")
         return pack_frame(MsgType.COMMIT, [_handle(msg.handle), msg.committed_len,
-                                           ids_to_bin(msg.new_tokens)])
+                                           ids_to_bin(msg.new_tokens), msg.verified])
     if isinstance(msg, RequestStart):
         _check_params(msg.sampling_params, ValueError)
         fields = [_handle(msg.handle), msg.request_id, msg.session_id, ids_to_bin(msg.prompt_ids),
@@ -101,10 +104,11 @@ def decode(data: bytes, limits: DecodeLimits) -> Message:
         return Draft(get_int(f[0], "handle", 1, MAX_U32), get_int(f[1], "committed_len", 0, MAX_SEQ_LEN),
                      get_int(f[2], "prefix_hash", 0, MAX_U32), tokens, q, alternatives)
     if msg_type == MsgType.COMMIT:
-        expect_fields(f, 3, "commit")
+        expect_fields(f, 4, "commit")
         new = bin_to_ids(get_bin(f[2], "new_tokens"), "new_tokens", limits.vocab_size, limits.max_prompt_len)
         committed = get_int(f[1], "committed_len", new.size, MAX_SEQ_LEN)
-        return Commit(get_int(f[0], "handle", 1, MAX_U32), committed, tuple(new.tolist()))
+        return Commit(get_int(f[0], "handle", 1, MAX_U32), committed, tuple(new.tolist()),
+                      get_int(f[3], "verified", 0, MAX_SEQ_LEN))
     if msg_type == MsgType.REQUEST_START:
         expect_fields(f, 5, "request_start")
         prompt = bin_to_ids(get_bin(f[3], "prompt_ids"), "prompt_ids", limits.vocab_size, limits.max_prompt_len)

@@ -28,7 +28,9 @@ import torch
 from vllm_tslt.core.float_q import FloatQ
 from vllm_tslt.core.sparsify import SparseQ
 
-PROTOCOL_VERSION = 2  # 2: entropy-coded draft payload, per-session request handles
+# 2: entropy-coded draft payload, per-session request handles; 3: Commit.verified (a device can
+# tell a step decoded without its draft from a rejection at the first draft token)
+PROTOCOL_VERSION = 3
 
 
 class MsgType(IntEnum):
@@ -77,11 +79,18 @@ class RequestStart:
 
 @dataclass(frozen=True)
 class Commit:
-    """Edge -> device: the sequence is now ``committed_len`` long; ``new_tokens`` were appended."""
+    """Edge -> device: the sequence is now ``committed_len`` long; ``new_tokens`` were appended.
+
+    ``verified``: draft tokens the edge verified in the step that emitted ``new_tokens`` (0: it
+    decoded that step without a draft of this device: late, paused, or declined by the intake
+    policy). Without it a plain step whose token differs from the draft's first token looks like a
+    rejection at position 0, and the device's acceptance estimate sinks.
+    """
 
     handle: int
     committed_len: int
     new_tokens: tuple[int, ...]
+    verified: int = 0
 
 
 @dataclass(frozen=True)

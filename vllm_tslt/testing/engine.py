@@ -141,7 +141,8 @@ class BatchEngine:
             record.tokens += len(emitted)
             t1 = time.perf_counter()
             if a.bound:
-                self.hub.commit(rid, len(a.seq), emitted)
+                verified = drafts[rid].gamma if rid in drafts else 0
+                self.hub.commit(rid, len(a.seq), emitted, min(verified, self.hub.max_gamma))
             if a.generated >= a.job.max_tokens:
                 self.hub.end_request(rid, "finished")
                 if self.intake is not None:
