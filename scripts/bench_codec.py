@@ -8,9 +8,9 @@ side with another git revision's (the baseline), in one run -> docs/benchmarks/c
         # item 3 (codec speed): against the entropy codec before it, and what decoding 16 / 64
         # devices' drafts in the hub's I/O thread costs a stand-in engine step (shared GIL)
 
-Where numba is installed the current codec decodes drafts with its compiled decoder
-(vllm_tslt/protocol/compiled.py, compiled before timing); "current, numpy decoder" is the same
-codec with the numpy reference decoder (a machine without numba).
+Where numba is installed the current codec encodes and decodes drafts with its compiled loops
+(vllm_tslt/protocol/compiled.py, compiled before timing); "current, numpy codec" is the same
+codec with the numpy reference (a machine without numba, e.g. a device that did not install it).
 
 Each cell times `repeats` calls, `rounds` times, alternating baseline and current codec per round
 (this 2-core box is shared and noisy), and reports the median round: wall time and thread CPU time
@@ -65,22 +65,24 @@ def load_baseline(ref: str) -> Any:
     return importlib.import_module("tslt_baseline_protocol")
 
 
-def numpy_decoder(proto: Any) -> Any:
-    """The current codec with draft decoding forced onto the numpy reference (what runs where
-    numba is not installed, and at an edge until the compiled decoder is ready)."""
+def numpy_codec(proto: Any) -> Any:
+    """The current codec with drafts encoded and decoded by the numpy reference (what runs where
+    numba is not installed, e.g. a device without it, and until the compiled codec is ready)."""
     from types import SimpleNamespace
 
     sparse_payload = importlib.import_module("vllm_tslt.protocol.sparse_payload")
 
-    def decode(data: bytes, limits: Any) -> Any:
-        sparse_payload.USE_COMPILED = False
-        try:
-            return proto.decode(data, limits)
-        finally:
-            sparse_payload.USE_COMPILED = True
+    def numpy_only(call: Any) -> Any:
+        def run(*args: Any) -> Any:
+            sparse_payload.USE_COMPILED = False
+            try:
+                return call(*args)
+            finally:
+                sparse_payload.USE_COMPILED = True
+        return run
 
-    return SimpleNamespace(DecodeLimits=proto.DecodeLimits, Draft=proto.Draft, encode=proto.encode,
-                           decode=decode)
+    return SimpleNamespace(DecodeLimits=proto.DecodeLimits, Draft=proto.Draft,
+                           encode=numpy_only(proto.encode), decode=numpy_only(proto.decode))
 
 
 def make_drafts(cfg: SparsifyConfig, m: int, vocab: int, n: int) -> list[tuple[torch.Tensor, Any, Any]]:
@@ -276,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline_ref != "none":
         codecs[f"baseline ({args.baseline_ref})"] = load_baseline(args.baseline_ref)
     codecs["current"] = importlib.import_module("vllm_tslt.protocol")
-    if importlib.import_module("vllm_tslt.protocol.sparse_payload").compile_decoder():
-        codecs["current, numpy decoder"] = numpy_decoder(codecs["current"])
+    if importlib.import_module("vllm_tslt.protocol.sparse_payload").compile_codec():
+        codecs["current, numpy codec"] = numpy_codec(codecs["current"])
     results = {"command": "python scripts/bench_codec.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                "baseline_ref": args.baseline_ref, "rounds": args.rounds, "machine": platform.platform(),
                "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -20,12 +20,12 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def compiled_draft_decoder():
-    """Compile the edge's numba draft decoder once, before any test starts a hub. A hub starts
+    """Compile the numba draft codec once, before any test starts a hub or an agent. Both start
     compiling it in a background thread (seconds without numba's cache), which would compete with
     the timing-dependent tests (late-draft decisions of the intake) for the CPU and the GIL."""
-    from vllm_tslt.protocol.sparse_payload import compile_decoder
+    from vllm_tslt.protocol.sparse_payload import compile_codec
 
-    compile_decoder()
+    compile_codec()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -98,10 +99,63 @@ def test_draft_round_trip_property(gamma, m, bits, k, vocab, seed, scale) -> Non
     limits = DecodeLimits(vocab_size=vocab, max_k=64, max_gamma=8, max_candidates=4)
     assert_same_draft(draft, decode(encode(draft), limits))
     if compiled.AVAILABLE:  # the edge's compiled decoder (151936: gaps past 16 bits, split fields)
+        # ... and the compiled encoder: the numpy reference's bytes exactly
+        with numpy_codec():
+            reference = sparse_payload.encode_sparse_rows(q, draft.tokens, draft.alternatives)
+        assert sparse_payload._encode_compiled(compiled_kernels(), q, draft.tokens,
+                                               draft.alternatives) == reference
         fields = msgpack.unpackb(encode(draft))[5:]
         q, tokens, alts = sparse_payload._decode_compiled(
             compiled_kernels(), Decoder(fields[6]), *fields[:6], limits)
         assert_same_draft(draft, Draft(1, 5, 9, tokens, q, alts))
+
+
+@contextlib.contextmanager
+def numpy_codec():
+    """Encode and decode drafts with the numpy reference (what a machine without numba runs)."""
+    sparse_payload.USE_COMPILED = False
+    try:
+        yield
+    finally:
+        sparse_payload.USE_COMPILED = compiled.AVAILABLE
+
+
+@pytest.mark.skipif(not compiled.AVAILABLE, reason="numba is not installed")
+def test_compiled_encode_matches_numpy() -> None:
+    """The compiled encoder gives the numpy reference's bytes for valid drafts (more in the
+    round-trip property test) and its ValueError, word for word, for every inconsistent one."""
+    fn = compiled_kernels()
+    for cfg, m in ((SparsifyConfig(top_p=0.95, quant_bits=12), 1), (SparsifyConfig(top_k=8), 3),
+                   (SparsifyConfig(temperature=0.0), 1), (SparsifyConfig(top_k=64, quant_bits=16), 2)):
+        d = make_draft(cfg, m=m, seed=3)
+        with numpy_codec():
+            reference = sparse_payload.encode_sparse_rows(d.q, d.tokens, d.alternatives)
+        assert sparse_payload._encode_compiled(fn, d.q, d.tokens, d.alternatives) == reference
+
+    def q_of(indices, counts, bits=2, dtype=torch.int32):
+        return SparseQ(torch.tensor(indices, dtype=dtype), torch.tensor(counts, dtype=torch.int32), bits)
+
+    bad = [
+        (q_of([[1, -1, 3]], [[2, 0, 2]]), [1]),  # padding in the middle
+        (q_of([[-1, -1]], [[0, 0]]), [1]),  # a row without an index
+        (q_of([[3, 1]], [[2, 2]]), [3]),  # descending
+        (q_of([[2, 2]], [[2, 2]]), [2]),  # repeated
+        (q_of([[-5, 1]], [[2, 2]]), [1]),  # negative index
+        (q_of([[1, 2**32]], [[2, 2]], dtype=torch.int64), [1]),  # past 2**32 - 1
+        (q_of([[1, 2]], [[4, 0]]), [1]),  # a count of 0 at a valid entry
+        (q_of([[1, -1]], [[3, 1]]), [1]),  # a count at padding
+        (q_of([[1, 2]], [[1, 1]]), [1]),  # counts not summing to 2**b
+        (q_of([[1, 2]], [[-1, 5]]), [1]),  # a negative count
+        (q_of([[1, 2]], [[2, 2]]), [5]),  # a token outside its row's support
+        (q_of([[1, 2], [4, -1]], [[2, 2], [4, 0]]), [1, 5]),  # ... in its second row
+    ]
+    for q, tokens in bad:
+        tokens = torch.tensor(tokens)
+        with numpy_codec(), pytest.raises(ValueError) as reference:
+            sparse_payload.encode_sparse_rows(q, tokens, None)
+        with pytest.raises(ValueError) as got:
+            sparse_payload._encode_compiled(fn, q, tokens, None)
+        assert str(got.value) == str(reference.value), (q, tokens)
 
 
 def compiled_kernels() -> dict:

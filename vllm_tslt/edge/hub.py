@@ -96,9 +96,9 @@ class DraftHub:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> DraftHub:
-        from vllm_tslt.protocol.sparse_payload import start_compiling_decoder
+        from vllm_tslt.protocol.sparse_payload import start_compiling_codec
 
-        start_compiling_decoder()
+        start_compiling_codec()
         self.endpoint = self.io.start()
         logger.info("TSLT draft hub listening on %s (vocab %d, max_gamma %d, %s)", self.endpoint,
                     self.vocab_size, self.max_gamma,

@@ -1,11 +1,15 @@
-"""Compiled (numba) loops for decoding a draft payload: the edge's fast path.
+"""Compiled (numba) loops for coding a draft payload: the fast path of the edge and of devices
+that have numba.
 
 A γ = 4 draft has ~100 entries, so the numpy reference in sparse_payload.py spends its time in the
-~40 numpy calls between the coder's calls, not in arithmetic (issue 16: decode <= 50 µs). These
-loops do the same work in three calls. numba is not a dependency of vllm-tslt: it comes with vLLM,
-so every edge has it; without it (a device never decodes drafts) the numpy code runs. Both give
-identical results and refusals (tests/unit/test_codec.py::test_compiled_decode_matches_numpy runs
-the fuzzers' hostile payloads through both).
+~40 numpy calls between the coder's calls, not in arithmetic (issue 16: decode <= 50 µs, encode <=
+100 µs). These loops do the same work in a few calls: three for decoding, one (plus ``layout``)
+for encoding. numba is not a dependency of vllm-tslt: it comes with vLLM, so every edge has it; a
+device has it if its user installs it (`pip install numba`; the device extra stays light without
+it). Without numba the numpy code runs. Both give identical bytes, results and refusals
+(tests/unit/test_codec.py::test_compiled_decode_matches_numpy runs the fuzzers' hostile payloads
+through both decoders, test_compiled_encode_matches_numpy random and invalid drafts through both
+encoders).
 
 NOTE on compile time: compiling these takes seconds (8 s on a loaded 2-core box), and the edge
 decodes drafts in its I/O thread. So ``ready`` compiles them in a background thread on first use
@@ -29,6 +33,8 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 
 # Status codes of build_rows (sparse_payload.py maps them to ProtocolError reasons).
 OK, BAD_INDICES, BAD_COUNTS = 0, 1, 2
+# Status codes of encode_fields (sparse_payload.py maps them to the reference's ValueErrors).
+BAD_LAYOUT, BAD_ORDER, BAD_SPARSE_COUNTS, NOT_IN_SUPPORT = 1, 2, 3, 4
 
 _kernels: dict[str, Any] = {}
 _ready: dict[str, Any] = {}
@@ -45,7 +51,8 @@ def kernels() -> dict[str, Any]:
 
             jit = njit(cache=True, nogil=True)
             _kernels.update(layout=jit(_layout), mantissa_sizes=jit(_mantissa_sizes),
-                            build_rows=jit(_build_rows), pick=jit(_pick))
+                            build_rows=jit(_build_rows), pick=jit(_pick),
+                            encode_fields=jit(_encode_fields))
     return _kernels
 
 
@@ -211,3 +218,128 @@ def _pick(indices: np.ndarray, k: np.ndarray, cols: np.ndarray, m: int) -> tuple
                     return cands, False
             cands[j, i] = indices[j, c]
     return cands, True
+
+
+def _encode_fields(idx: np.ndarray, cnt: np.ndarray, total: int, cands: np.ndarray,
+                   split: int) -> tuple:
+    """An encoder's field values from a padded SparseQ (indices, counts [γ, w] int64, PAD -1),
+    its row total 2**b and the candidates [γ, m] int64 (spine, then alternatives); checked in the
+    reference's order (sparse_payload._check_sparse_q, _columns_of). Returns (status, k [γ],
+    bucket symbols [N + N - γ] int32, mantissa symbols and Uniform sizes int32, columns [γ' * m]
+    int32 and their model [γ' * m, w] float64 of the rows with k >= 2, the bucket histogram
+    [γ, ga + ca] float64 (_best_pairs), ga, ca)."""
+    gamma, width = idx.shape
+    m = cands.shape[1]
+    empty_i = np.zeros(0, dtype=np.int32)
+    empty_f = np.zeros((0, width), dtype=np.float64)
+    k = np.zeros(gamma, dtype=np.int64)
+    for j in range(gamma):  # >= 1 index, padding only at the end
+        n = 0
+        while n < width and idx[j, n] != -1:
+            n += 1
+        if n == 0:
+            return BAD_LAYOUT, k, empty_i, empty_i, empty_i, empty_i, empty_f, empty_f, 0, 0
+        for c in range(n, width):
+            if idx[j, c] != -1:
+                return BAD_LAYOUT, k, empty_i, empty_i, empty_i, empty_i, empty_f, empty_f, 0, 0
+        k[j] = n
+    n_entries = k.sum()
+    values = np.empty(2 * n_entries - gamma, dtype=np.int64)  # gaps, then counts but the last
+    e = 0
+    for j in range(gamma):  # strictly ascending from >= 0, below 2**32
+        prev = np.int64(-1)
+        for c in range(k[j]):
+            gap = idx[j, c] - prev - 1
+            if gap < 0 or idx[j, c] > 4294967295:
+                return BAD_ORDER, k, empty_i, empty_i, empty_i, empty_i, empty_f, empty_f, 0, 0
+            values[e] = gap
+            e += 1
+            prev = idx[j, c]
+    for j in range(gamma):  # counts >= 1, 0 at padding, summing to 2**b
+        row = np.int64(0)
+        for c in range(width):
+            if (c < k[j] and cnt[j, c] < 1) or (c >= k[j] and cnt[j, c] != 0):
+                return BAD_SPARSE_COUNTS, k, empty_i, empty_i, empty_i, empty_i, empty_f, \
+                    empty_f, 0, 0
+            row += cnt[j, c]
+        if row != total:
+            return BAD_SPARSE_COUNTS, k, empty_i, empty_i, empty_i, empty_i, empty_f, empty_f, 0, 0
+    for j in range(gamma):
+        for c in range(k[j] - 1):
+            values[e] = cnt[j, c]
+            e += 1
+    multi = 0
+    for j in range(gamma):
+        if k[j] >= 2:
+            multi += 1
+    cols = np.zeros(multi * m, dtype=np.int32)
+    r = 0
+    for j in range(gamma):  # every candidate in its row's support (the first matching column)
+        for i in range(m):
+            c = 0
+            while c < width and idx[j, c] != cands[j, i]:
+                c += 1
+            if c == width:
+                return NOT_IN_SUPPORT, k, empty_i, empty_i, empty_i, empty_i, empty_f, \
+                    empty_f, 0, 0
+            if k[j] >= 2:
+                cols[r] = c
+                r += 1
+    col_probs = np.zeros((multi * m, width), dtype=np.float64)
+    r = 0
+    for j in range(gamma):
+        if k[j] >= 2:
+            for _ in range(m):
+                for c in range(width):
+                    col_probs[r, c] = cnt[j, c] / float(total)
+                r += 1
+    # Buckets: bit_length(gap), bit_length(count) - 1; mantissas below the leading one.
+    symbols = np.empty(values.size, dtype=np.int32)
+    ga = 1
+    ca = 1
+    n_lo = 0
+    n_hi = 0
+    for i in range(values.size):
+        n = 0
+        v = values[i]
+        while v > 0:  # bit_length
+            v >>= 1
+            n += 1
+        if i < n_entries:
+            symbols[i] = n
+            ga = max(ga, n + 1)
+        else:
+            symbols[i] = n - 1
+            ca = max(ca, n)
+        if n > 1:
+            n_lo += 1
+            if n - 1 > split:
+                n_hi += 1
+    mant = np.empty(n_lo + n_hi, dtype=np.int32)
+    sizes = np.empty(n_lo + n_hi, dtype=np.int32)
+    lo = 0
+    hi = n_lo
+    for i in range(values.size):
+        n = symbols[i] + (1 if i >= n_entries else 0)
+        if n > 1:
+            top = np.int64(1) << (n - 1)
+            v = values[i] - top
+            lo_size = min(top, np.int64(1) << split)
+            mant[lo] = v & (lo_size - 1)
+            sizes[lo] = lo_size
+            lo += 1
+            if top > (np.int64(1) << split):
+                mant[hi] = v >> split
+                sizes[hi] = top >> split
+                hi += 1
+    hist = np.zeros((gamma, ga + ca), dtype=np.float64)
+    e = 0
+    for j in range(gamma):
+        for _ in range(k[j]):
+            hist[j, symbols[e]] += 1.0
+            e += 1
+    for j in range(gamma):
+        for _ in range(k[j] - 1):
+            hist[j, ga + symbols[e]] += 1.0
+            e += 1
+    return OK, k, symbols, mant, sizes, cols, col_probs, hist, ga, ca

@@ -56,9 +56,17 @@ from vllm_tslt.protocol.errors import ProtocolError, Reason, get_bin, get_int
 # choices) are Python lists, entry values are flat numpy arrays in row-major order, and the padded
 # [γ, max k] layout is built with one boolean mask; the coder is called once per section.
 
-# Decode with the compiled loops (compiled.py) when numba is there; tests switch it off to run the
-# numpy reference.
+# Encode and decode with the compiled loops (compiled.py) when numba is there (once compiled in the
+# background; numpy until then); tests switch it off to run the numpy reference.
 USE_COMPILED = compiled.AVAILABLE
+# encode_fields' status -> the reference's ValueError (_check_sparse_q, _columns_of).
+_ENCODE_ERRORS = {
+    compiled.BAD_LAYOUT: "SparseQ rows need >= 1 index and padding only at the end",
+    compiled.BAD_ORDER: "SparseQ indices must be strictly ascending and in [0, 2**32)",
+    compiled.BAD_SPARSE_COUNTS: "SparseQ counts must be >= 1, 0 at padding, and sum to "
+                                "2**quant_bits",
+    compiled.NOT_IN_SUPPORT: "a draft token or alternative is not in its row's support",
+}
 
 _COLS = np.arange(1 << MAX_QUANT_BITS)  # column numbers, sliced to a draft's width
 _MAX_INDEX = (1 << 32) - 1
@@ -68,11 +76,7 @@ def _check_sparse_q(q: SparseQ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     """-> (indices [γ, k] int64, counts [γ, k], valid [γ, k] bool, gaps [N] int64 of the valid
     entries, row-major: index - previous index - 1, the row's first index for its first entry);
     ValueError if inconsistent."""
-    idx = q.indices.numpy()
-    cnt = q.counts.numpy()
-    if idx.ndim != 2 or cnt.shape != idx.shape or idx.shape[1] == 0 or \
-            not 1 <= q.quant_bits <= MAX_QUANT_BITS:
-        raise ValueError("SparseQ must have matching [γ, k] indices/counts and quant_bits in 1..16")
+    idx, cnt = _sparse_arrays(q)
     wide = idx.dtype.itemsize > 4 or idx.dtype.kind == "u"  # may hold indices >= 2**31
     idx = idx.astype(np.int64)
     valid = idx != PAD_ID
@@ -89,6 +93,27 @@ def _check_sparse_q(q: SparseQ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     if (np.minimum(cnt, 1) != valid).any() or (cnt.sum(axis=1) != q.total).any():
         raise ValueError("SparseQ counts must be >= 1, 0 at padding, and sum to 2**quant_bits")
     return idx, cnt, valid, gaps
+
+
+def _sparse_arrays(q: SparseQ) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, counts) as numpy [γ, k]; ValueError unless their shapes and quant_bits fit."""
+    idx = q.indices.numpy()
+    cnt = q.counts.numpy()
+    if idx.ndim != 2 or cnt.shape != idx.shape or idx.shape[1] == 0 or \
+            not 1 <= q.quant_bits <= MAX_QUANT_BITS:
+        raise ValueError("SparseQ must have matching [γ, k] indices/counts and quant_bits in 1..16")
+    return idx, cnt
+
+
+def _candidates(tokens: torch.Tensor, alternatives: torch.Tensor | None, gamma: int) -> np.ndarray:
+    """Spine tokens [γ] and alternatives [γ, m - 1] -> [γ, m]."""
+    cands = tokens.numpy().reshape(gamma, 1)
+    if alternatives is not None:
+        alts = alternatives.numpy()
+        if alts.ndim != 2 or alts.shape[0] != gamma:
+            raise ValueError(f"alternatives must be [{gamma}, m - 1], got {alts.shape}")
+        cands = np.concatenate([cands, alts], axis=1)
+    return cands
 
 
 def _columns_of(indices: np.ndarray, tokens: np.ndarray, what: str) -> np.ndarray:
@@ -112,18 +137,39 @@ def encode_sparse_rows(
 
     header = [γ, m, quant_bits, kw, ga, ca]; raises ValueError on an inconsistent draft.
     """
+    if USE_COMPILED and (fn := compiled.ready(_warm_up)) is not None:
+        return _encode_compiled(fn, q, tokens, alternatives)
     idx, cnt, valid, gaps = _check_sparse_q(q)
-    gamma = idx.shape[0]
-    cands = tokens.numpy().reshape(gamma, 1)
-    if alternatives is not None:
-        alts = alternatives.numpy()
-        if alts.ndim != 2 or alts.shape[0] != gamma:
-            raise ValueError(f"alternatives must be [{gamma}, m - 1], got {alts.shape}")
-        cands = np.concatenate([cands, alts], axis=1)
+    cands = _candidates(tokens, alternatives, idx.shape[0])
     cols = _columns_of(idx, cands, "draft token or alternative")
     # all counts but each row's last: those followed by a valid entry
     values = np.concatenate([gaps, cnt[:, :-1][valid[:, 1:]]], dtype=np.int64)
     return _pack(valid.sum(axis=1).tolist(), values, cols, q.quant_bits, cnt)
+
+
+def _encode_compiled(fn: dict[str, Any], q: SparseQ, tokens: torch.Tensor,
+                     alternatives: torch.Tensor | None) -> tuple[bytes, list[int]]:
+    """encode_sparse_rows with the compiled field builder (compiled.py): the same bytes and the
+    same ValueErrors as the numpy code (tests/unit/test_codec.py)."""
+    idx, cnt = _sparse_arrays(q)
+    gamma = idx.shape[0]
+    cands = _candidates(tokens, alternatives, gamma)
+    status, k, symbols, mant, sizes, cols, col_probs, hist, ga, ca = fn["encode_fields"](
+        idx.astype(np.int64), cnt.astype(np.int64), q.total, cands.astype(np.int64),
+        MANTISSA_SPLIT)
+    if status:
+        raise ValueError(_ENCODE_ERRORS[status])
+    k_list = k.tolist()
+    pairs = _pairs_from_hist(hist, ga, ca)
+    kw = (max(k_list) - 1).bit_length()
+    head = np.array(([n - 1 for n in k_list] if kw else []) + pairs, dtype=np.int32)
+    probs = fn["layout"](head, gamma, kw, bucket_table(ga, ca), NUM_COUNT_TABLES)[2]
+    enc = Encoder()
+    enc.uniform(head, head_sizes(kw, gamma))
+    enc.categorical(symbols, probs)
+    enc.uniform(mant, sizes)
+    enc.categorical(cols, col_probs)
+    return enc.to_bytes(), [gamma, cands.shape[1], q.quant_bits, kw, ga, ca]
 
 
 def pack_rows(k: np.ndarray, gaps: np.ndarray, counts_rest: np.ndarray, cols: np.ndarray,
@@ -181,6 +227,13 @@ def _best_pairs(symbols: np.ndarray, k: list[int], ga: int, ca: int) -> list[int
     bins = np.array([j * width for j in range(gamma)] + [j * width + ga for j in range(gamma)])
     hist = np.bincount(bins.repeat(np.array(k + [n - 1 for n in k])) + symbols,
                        minlength=gamma * width).reshape(gamma, width).astype(np.float64)
+    return _pairs_from_hist(hist, ga, ca)
+
+
+def _pairs_from_hist(hist: np.ndarray, ga: int, ca: int) -> list[int]:
+    """Bucket counts per row [γ, ga + ca] (gap buckets, then count buckets) -> the cheapest
+    (gap table, count table) per row as t * NC + u (one code path for both encoders: the same
+    float sums, the same ties, the same bytes)."""
     gap_t = (hist[:, :ga] @ GAP_TABLES[ga][1].T).argmin(axis=1)  # [γ] fewest gap-bucket bits
     cnt_t = (hist[:, ga:] @ COUNT_TABLES[ca][1].T).argmin(axis=1)
     return (gap_t * NUM_COUNT_TABLES + cnt_t).tolist()
@@ -243,16 +296,18 @@ def _decode_compiled(fn: dict[str, Any], dec: Decoder, gamma: int, m: int, b: in
     return q, torch.from_numpy(cands[:, 0]), torch.from_numpy(cands[:, 1:]) if m > 1 else None
 
 
-def start_compiling_decoder() -> None:
-    """Start compiling the compiled decoder in its background thread now (the edge's hub calls
-    this at start, so the first drafts need not decode with numpy while it compiles)."""
+def start_compiling_codec() -> None:
+    """Start compiling the compiled encoder and decoder in their background thread now (the
+    edge's hub and the device's draft loop call this at start, so the first drafts need not be
+    coded with numpy while it compiles); nothing without numba."""
     if USE_COMPILED:
         compiled.ready(_warm_up)
 
 
-def compile_decoder() -> bool:
-    """Compile the compiled decoder now, in this thread (seconds; well under one with numba's
-    cache), instead of in the background at the first draft; True if drafts will decode with it."""
+def compile_codec() -> bool:
+    """Compile the compiled encoder and decoder now, in this thread (seconds; well under one with
+    numba's cache), instead of in the background at the first draft; True if drafts will be coded
+    with them."""
     if not USE_COMPILED:
         return False
     if compiled.ready(_warm_up) is None:
@@ -263,9 +318,11 @@ def compile_decoder() -> bool:
 
 
 def _warm_up(fn: dict[str, Any]) -> None:
-    """Compile the kernels by decoding one small draft (rows with k = 1 and k = 2) with them."""
-    payload, header = pack_rows(np.array([1, 2]), np.array([3, 0, 4]), np.array([1]),
-                                np.array([[0], [1]]), 1)
+    """Compile the kernels by encoding and decoding one small draft (rows with k = 1 and k = 2)
+    with them."""
+    q = SparseQ(torch.tensor([[3, -1], [4, 5]], dtype=torch.int32),
+                torch.tensor([[2, 0], [1, 1]], dtype=torch.int32), 1)
+    payload, header = _encode_compiled(fn, q, torch.tensor([3, 5]), None)
     limits = type("Limits", (), {"max_k": 2, "vocab_size": 16})()
     _decode_compiled(fn, Decoder(payload), *header, limits)
 
