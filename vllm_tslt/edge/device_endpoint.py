@@ -139,8 +139,7 @@ class DeviceEndpoint:
             except zmq.Again:
                 self.table.count("downlink_dropped_full")
                 return
-        self.table.count("downlink_bytes", len(data))
-        self.table.count("downlink_messages")
+        self.table.count_many({"downlink_bytes": len(data), "downlink_messages": 1})
 
     # ------------------------------------------------------------------ I/O thread
 

@@ -177,6 +177,10 @@ class DraftHub:
     def count(self, name: str, n: int = 1) -> None:
         self.table.count(name, n)
 
+    @_never_raises(lambda: None)
+    def count_many(self, counts: dict[str, int]) -> None:
+        self.table.count_many(counts)
+
     def snapshot(self) -> dict[str, int]:
         return self.table.snapshot()
 

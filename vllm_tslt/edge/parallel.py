@@ -193,7 +193,7 @@ class InertHub:
     def commit(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    end_request = broadcast_status = count = close = commit
+    end_request = broadcast_status = count = count_many = close = commit
 
 
 def omp_threads_bind(local_workers: int, cpus: Iterable[int], numa_nodes: int) -> str | None:

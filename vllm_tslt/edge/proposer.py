@@ -189,8 +189,8 @@ class TsltProposer:
             self.draft_flag.set(bool(self._pending or self._extra_drafts or self._park_next))
         self._report_status(t0, len(req_ids))
         t3 = time.perf_counter()
-        self.hub.count("proxy_steps")
-        self.hub.count("proxy_overhead_us", int(((t1 - t0) + (t3 - t2)) * 1e6))
+        self.hub.count_many({"proxy_steps": 1,
+                             "proxy_overhead_us": int(((t1 - t0) + (t3 - t2)) * 1e6)})
         self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out))
         return out
 
@@ -202,10 +202,9 @@ class TsltProposer:
         if d == 0:
             return
         a = min(emitted - 1, d)
-        for name, value in (("verify_rounds", 1), ("round_draft_tokens", d),
-                            ("round_accepted", a), ("round_accepted_sq", a * a),
-                            ("round_accepted_x_draft", a * d), ("round_draft_sq", d * d)):
-            self.hub.count(name, value)
+        self.hub.count_many({"verify_rounds": 1, "round_draft_tokens": d, "round_accepted": a,
+                             "round_accepted_sq": a * a, "round_accepted_x_draft": a * d,
+                             "round_draft_sq": d * d})
 
     def _hand_out(self, rid: str, draft: Draft | None, length: int) -> list[int]:
         """The draft tokens request rid (committed `length` tokens) is handed for the next step."""

@@ -96,6 +96,12 @@ class SessionTable:
         with self.cond:
             self.counters[name] += n
 
+    def count_many(self, counts: dict[str, int]) -> None:
+        """Several counters under one lock (the engine step's bookkeeping)."""
+        with self.cond:
+            for name, n in counts.items():
+                self.counters[name] += n
+
     def snapshot(self) -> dict[str, int]:
         with self.cond:
             out = dict(self.counters)

@@ -6,6 +6,7 @@ little-endian uint32 ``bin`` buffers. ``unpack_frame`` bounds every size before 
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +81,13 @@ def unpack_frame(data: bytes, limits: DecodeLimits) -> tuple[int, list[Any]]:
 
 
 def ids_to_bin(ids: Any) -> bytes:
-    arr = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() > MAX_U32):
-        raise ValueError("token ids must be in [0, 2**32)")
-    return arr.astype("<u4").tobytes()
+    """Little-endian uint32 bytes of token ids (a commit's one or few ids: struct, not numpy, is
+    the cheap way; every engine step sends one per bound request)."""
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    try:
+        return struct.pack(f"<{len(values)}I", *values)
+    except struct.error:  # negative, too large, or not an integer
+        raise ValueError("token ids must be ints in [0, 2**32)") from None
 
 
 def bin_to_ids(buf: bytes, what: str, vocab_size: int, max_len: int) -> np.ndarray:
