@@ -148,6 +148,8 @@ def test_compiled_encode_matches_numpy() -> None:
         (q_of([[1, 2]], [[-1, 5]]), [1]),  # a negative count
         (q_of([[1, 2]], [[2, 2]]), [5]),  # a token outside its row's support
         (q_of([[1, 2], [4, -1]], [[2, 2], [4, 0]]), [1, 5]),  # ... in its second row
+        (q_of([[3, -1]], [[4, 0]]), [-1]),  # PAD_ID as a token (a k = 1 row codes no column)
+        (q_of([[1, 2]], [[2, 2]]), [1.0]),  # not an integer
     ]
     for q, tokens in bad:
         tokens = torch.tensor(tokens)
@@ -156,6 +158,23 @@ def test_compiled_encode_matches_numpy() -> None:
         with pytest.raises(ValueError) as got:
             sparse_payload._encode_compiled(fn, q, tokens, None)
         assert str(got.value) == str(reference.value), (q, tokens)
+    # A SparseQ padded wider than its widest row codes its columns as the decoder reads them
+    # (before: under a wider model, and the edge could decode another token).
+    wide = SparseQ(torch.tensor([[2, 5, -1], [7, -1, -1]], dtype=torch.int32),
+                   torch.tensor([[1, 1, 0], [2, 0, 0]], dtype=torch.int32), 1)
+    tokens, alts = torch.tensor([5, 7]), torch.tensor([[2], [7]])
+    with numpy_codec():
+        reference = sparse_payload.encode_sparse_rows(wide, tokens, alts)
+    assert sparse_payload._encode_compiled(fn, wide, tokens, alts) == reference
+    draft = decode(encode(Draft(1, 5, 9, tokens, wide, alts)), LIMITS)
+    assert draft.tokens.tolist() == [5, 7] and draft.alternatives.tolist() == [[2], [7]]
+    assert draft.q.indices.tolist() == [[2, 5], [7, -1]]
+    # A column-major SparseQ encodes without compiling another signature (same bytes).
+    q_f = SparseQ(torch.tensor([[2, 5], [7, -1]], dtype=torch.int32).t().contiguous().t(),
+                  torch.tensor([[1, 1], [2, 0]], dtype=torch.int32), 1)
+    assert sparse_payload._encode_compiled(fn, q_f, tokens, alts) == \
+        sparse_payload._encode_compiled(fn, SparseQ(q_f.indices.contiguous(), q_f.counts, 1),
+                                        tokens, alts)
 
 
 def compiled_kernels() -> dict:

@@ -228,17 +228,44 @@ def test_a_parked_request_gets_its_draft_through_the_extras_and_verifies_with_it
 
 
 def test_verified_rounds_add_their_moments_for_the_acceptance_interval(proposer):
-    """Each verified round adds d (draft tokens handed out) and a (accepted = emitted - 1) to the
-    hub's moments Σ1, Σd, Σa, Σa², Σad, Σd² (vllm_tslt_round_* on /metrics)."""
+    """Each verified round adds d (draft tokens vLLM verified: its scheduler output) and a
+    (accepted = emitted - 1) to the hub's moments Σ1, Σd, Σa, Σa², Σad, Σd² (vllm_tslt_round_*
+    on /metrics), and its commit tells the device d (Commit.verified)."""
     _run_step(proposer, ["r", "s"], drafts={"r": _draft("r", [0, 5, 7, 9]), "s": _draft("s", [3])})
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r", "s"]))
     proposer.hub.collect = lambda ids, deadline, **_: {}
+    commits = []
+    proposer._commit = lambda _runner, rid, *args: commits.append(proposer._verified.get(rid, 0))
     proposer.begin_step([])
-    proposer.bind_step(runner, None)
+    proposer.bind_step(runner, SimpleNamespace(scheduled_spec_decode_tokens={"r": [0, 5, 7, 9],
+                                                                              "s": [3]}))
     proposer.propose([[0, 5, 2], [3, 8]], [10, 10], None)  # r: 2 accepted of 4, s: 1 of 1
+    assert commits == [4, 1]
     snap = proposer.hub.snapshot()
     assert {k: snap[k] for k in ("verify_rounds", "round_draft_tokens", "round_accepted",
                                  "round_accepted_sq", "round_accepted_x_draft",
                                  "round_draft_sq")} == {
         "verify_rounds": 2, "round_draft_tokens": 5, "round_accepted": 3,
         "round_accepted_sq": 5, "round_accepted_x_draft": 9, "round_draft_sq": 17}
+
+
+def test_a_draft_vllm_cut_counts_as_the_tokens_it_verified(proposer):
+    """vLLM may verify fewer draft tokens than were handed out (token budget, max_model_len,
+    grammar): the round and the commit count what it verified, so all-accepted stays a round
+    without a rejection (before, the handed-out length made it look like one)."""
+    _run_step(proposer, ["r"], drafts={"r": _draft("r", [0, 5, 7, 9])})
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r"]))
+    proposer.hub.collect = lambda ids, deadline, **_: {}
+    commits = []
+    proposer._commit = lambda _runner, rid, *args: commits.append(proposer._verified.get(rid, 0))
+    proposer.begin_step([])
+    proposer.bind_step(runner, SimpleNamespace(scheduled_spec_decode_tokens={"r": [0, 5]}))
+    proposer.propose([[0, 5, 2]], [10], None)  # both verified tokens accepted, then a bonus
+    snap = proposer.hub.snapshot()
+    assert commits == [2]
+    assert (snap["verify_rounds"], snap["round_draft_tokens"], snap["round_accepted"]) == (1, 2, 2)
+    # A plain step (vLLM scheduled no draft tokens for r) is no round and commits 0.
+    proposer.begin_step([])
+    proposer.bind_step(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))
+    proposer.propose([[4]], [11], None)
+    assert commits == [2, 0] and proposer.hub.snapshot()["verify_rounds"] == 1

@@ -145,6 +145,12 @@ def test_runner_state_the_proxy_reads():
         CachedRequestState.__dataclass_fields__)
     assert "finished_req_ids" in SchedulerOutput.__dataclass_fields__
     assert {"draft_token_ids", "num_draft_tokens"} <= set(SpecDecodeMetadata.__dataclass_fields__)
+    # Commit.verified: the draft tokens the step verified per request, after the scheduler's cuts
+    # (TsltProposer.bind_step; the model runner builds its spec-decode metadata from the same map)
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert "scheduled_spec_decode_tokens" in SchedulerOutput.__dataclass_fields__
+    assert "scheduled_spec_decode_tokens" in inspect.getsource(GPUModelRunner._prepare_inputs)
 
 
 def test_custom_proposer_factory_contract():

@@ -111,9 +111,11 @@ class GammaController:
 
     # -- observations ------------------------------------------------------------------------
 
-    def observe_round(self, gamma: int, accepted: int, payload_bytes: int, round_s: float) -> None:
-        """A draft of γ tokens (``payload_bytes`` on the wire) got ``accepted`` of them accepted;
-        ``round_s`` = send -> commit received."""
+    def observe_round(self, gamma: int, accepted: int, payload_bytes: int, round_s: float,
+                      sent_tokens: int | None = None) -> None:
+        """γ draft tokens were verified and ``accepted`` of them accepted; the draft carried
+        ``sent_tokens`` (default γ; more when the edge verified a prefix only) in
+        ``payload_bytes``; ``round_s`` = send -> commit received."""
         # NOTE: probes are rare, so each one weighs as much as the older evidence together.
         keep = PROBE_KEEP if self._probing else 1.0
         self._probing = False
@@ -121,7 +123,7 @@ class GammaController:
         self._rej = self._decay * keep * self._rej + (1.0 if accepted < gamma else 0.0)
         # NOTE: per-token bytes include the frame header's share; fine for choosing γ near the
         # observed ones, which is where the estimate is used.
-        self.bytes_per_token.add(payload_bytes / max(gamma, 1))
+        self.bytes_per_token.add(payload_bytes / max(sent_tokens or gamma, 1))
         # The edge's verification share of the round is modelled apart (it grows with γ and load).
         self.link.add(payload_bytes, max(round_s - gamma * self.verify_s_per_token, 0.0), keep)
         self.rounds += 1

@@ -320,7 +320,8 @@ class DraftRuntime:
             accepted += 1
         self.counters["rounds"] += 1
         self.counters["accepted_tokens"] += accepted
-        self.gamma_ctl.observe_round(gamma, accepted, sent.num_bytes, now - sent.sent_at)
+        self.gamma_ctl.observe_round(gamma, accepted, sent.num_bytes, now - sent.sent_at,
+                                     len(sent.tokens))
         return True
 
     def _choose_gamma(self, track: Track) -> int:

@@ -126,8 +126,8 @@ class TsltProposer:
         self.step_cost = StepCost()
         self._status_at = 0.0
         self.intake = Intake.from_config(self.config)
-        # Requests handed a draft by the last propose() -> draft tokens handed out.
-        self._handed: dict[str, int] = {}
+        # Requests whose draft tokens vLLM verified in the step now ending -> how many (bind_step).
+        self._verified: dict[str, int] = {}
         # For the scheduler, via take_draft_token_ids (patches/runner.py, patches/scheduler.py):
         # drafts of parked requests (not in the batch) and the requests to park next step.
         self._extra_drafts: dict[str, list[int]] = {}
@@ -138,7 +138,12 @@ class TsltProposer:
         return None
 
     def bind_step(self, runner: Any, scheduler_output: Any) -> None:
+        """Called before `propose` with the step's scheduler output: the draft tokens vLLM
+        verified in this step per request (after its own cuts: token budget, max_model_len,
+        grammar), what the commits tell the devices (`Commit.verified`)."""
         self._runner = runner
+        spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
+        self._verified = {rid: len(tokens) for rid, tokens in spec.items() if tokens}
 
     def begin_step(self, finished_req_ids: Any) -> None:
         """A new engine step begins (the model runner's state update, also in a step with nothing
@@ -165,7 +170,7 @@ class TsltProposer:
         self.step_cost.step_started(t0, req_ids)
         bound = []
         for i, rid in enumerate(req_ids):
-            if rid in self._handed and sampled_token_ids[i]:  # tokens of a drafted step
+            if rid in self._verified and sampled_token_ids[i]:  # tokens of a drafted step
                 self.intake.observe(rid, len(sampled_token_ids[i]))
                 self._count_round(rid, len(sampled_token_ids[i]))
             if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,
@@ -173,7 +178,7 @@ class TsltProposer:
                 bound.append(rid)
         t1 = time.perf_counter()
         drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids),
-                                                      self.step_cost.fit())
+                                                      self._step_cost_now())
                                    if bound or self.intake.parked else ({}, []))
         t2 = time.perf_counter()
         out: list[list[int]] = []
@@ -184,21 +189,32 @@ class TsltProposer:
         for rid, draft in drafts.items():
             if rid not in self._pending and rid in self._committed:
                 self._extra_drafts[rid] = self._hand_out(rid, draft, self._committed[rid])
-        self._handed = {rid: n for rid, (_, n) in self._pending.items()}
         if self.draft_flag is not None:
             self.draft_flag.set(bool(self._pending or self._extra_drafts or self._park_next))
         self._report_status(t0, len(req_ids))
         t3 = time.perf_counter()
         self.hub.count_many({"proxy_steps": 1,
                              "proxy_overhead_us": int(((t1 - t0) + (t3 - t2)) * 1e6)})
-        self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out))
+        self.step_cost.step_ended(t3, req_ids, sum(len(d) for d in out)
+                                  + sum(len(d) for d in self._extra_drafts.values()))
         return out
+
+    def _step_cost_now(self) -> tuple[float, float] | None:
+        """(a step's time as the last one's load makes it, seconds per draft token verified):
+        the fitted plain step plus the verification of the draft tokens handed out for the step
+        just finished (vLLM's count; a step that verifies drafts lasts longer, so an extra token saves more
+        and a late draft is fewer steps away)."""
+        fit = self.step_cost.fit()
+        if fit is None:
+            return None
+        a, c = fit
+        return a + c * sum(self._verified.values()), c
 
     def _count_round(self, rid: str, emitted: int) -> None:
         """Moments of (draft tokens d, accepted a) per verified round, so a reader of /metrics can
         put a confidence interval on the acceptance Σa / Σd (rounds, not tokens, are the
         independent units): Σd, Σa, Σa², Σad, Σd²."""
-        d = self._handed.get(rid, 0)
+        d = self._verified.get(rid, 0)
         if d == 0:
             return
         a = min(emitted - 1, d)
@@ -277,7 +293,7 @@ class TsltProposer:
         length = int(num_tokens_no_spec[i])
         if length > sent:
             self.hub.commit(rid, length, token_ids_cpu[i, sent:length].tolist(),
-                            self._handed.get(rid, 0))
+                            self._verified.get(rid, 0))
             self._committed[rid] = length
         # A request that reached max_tokens ends with this step: no draft to wait for.
         return length < self._max_len.get(rid, 1 << 62)

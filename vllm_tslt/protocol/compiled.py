@@ -277,20 +277,21 @@ def _encode_fields(idx: np.ndarray, cnt: np.ndarray, total: int, cands: np.ndarr
     for j in range(gamma):  # every candidate in its row's support (the first matching column)
         for i in range(m):
             c = 0
-            while c < width and idx[j, c] != cands[j, i]:
+            while c < k[j] and idx[j, c] != cands[j, i]:
                 c += 1
-            if c == width:
+            if c == k[j]:
                 return NOT_IN_SUPPORT, k, empty_i, empty_i, empty_i, empty_i, empty_f, \
                     empty_f, 0, 0
             if k[j] >= 2:
                 cols[r] = c
                 r += 1
-    col_probs = np.zeros((multi * m, width), dtype=np.float64)
+    # the column model is as wide as the widest row (as the decoder builds it), not the padding
+    col_probs = np.zeros((multi * m, k.max()), dtype=np.float64)
     r = 0
     for j in range(gamma):
         if k[j] >= 2:
             for _ in range(m):
-                for c in range(width):
+                for c in range(k[j]):
                     col_probs[r, c] = cnt[j, c] / float(total)
                 r += 1
     # Buckets: bit_length(gap), bit_length(count) - 1; mantissas below the leading one.

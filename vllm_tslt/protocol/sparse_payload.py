@@ -106,7 +106,11 @@ def _sparse_arrays(q: SparseQ) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _candidates(tokens: torch.Tensor, alternatives: torch.Tensor | None, gamma: int) -> np.ndarray:
-    """Spine tokens [γ] and alternatives [γ, m - 1] -> [γ, m]."""
+    """Spine tokens [γ] and alternatives [γ, m - 1] -> [γ, m] (integers)."""
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or (
+            alternatives is not None and (alternatives.dtype.is_floating_point
+                                          or alternatives.dtype.is_complex)):
+        raise ValueError("draft tokens and alternatives must be integer tensors")
     cands = tokens.numpy().reshape(gamma, 1)
     if alternatives is not None:
         alts = alternatives.numpy()
@@ -117,7 +121,10 @@ def _candidates(tokens: torch.Tensor, alternatives: torch.Tensor | None, gamma: 
 
 
 def _columns_of(indices: np.ndarray, tokens: np.ndarray, what: str) -> np.ndarray:
-    """Column of each token in its row's support: indices [γ, k], tokens [γ, c] -> [γ, c]."""
+    """Column of each token in its row's support: indices [γ, k], tokens [γ, c] -> [γ, c].
+    (Valid indices are >= 0, so a token >= 0 can only match a valid entry, never padding.)"""
+    if tokens.min() < 0:
+        raise ValueError(f"a {what} is not in its row's support")
     hit = indices[:, None, :] == tokens[:, :, None]  # [γ, c, k]
     if not hit.any(axis=2).all():
         raise ValueError(f"a {what} is not in its row's support")
@@ -139,12 +146,15 @@ def encode_sparse_rows(
     """
     if USE_COMPILED and (fn := compiled.ready(_warm_up)) is not None:
         return _encode_compiled(fn, q, tokens, alternatives)
+    cands = _candidates(tokens, alternatives, _sparse_arrays(q)[0].shape[0])
     idx, cnt, valid, gaps = _check_sparse_q(q)
-    cands = _candidates(tokens, alternatives, idx.shape[0])
     cols = _columns_of(idx, cands, "draft token or alternative")
     # all counts but each row's last: those followed by a valid entry
     values = np.concatenate([gaps, cnt[:, :-1][valid[:, 1:]]], dtype=np.int64)
-    return _pack(valid.sum(axis=1).tolist(), values, cols, q.quant_bits, cnt)
+    k = valid.sum(axis=1).tolist()
+    # the column model is as wide as the widest row, as the decoder builds it (a SparseQ padded
+    # wider would code its columns under another model: the edge would decode other tokens)
+    return _pack(k, values, cols, q.quant_bits, cnt[:, : max(k)])
 
 
 def _encode_compiled(fn: dict[str, Any], q: SparseQ, tokens: torch.Tensor,
@@ -155,8 +165,8 @@ def _encode_compiled(fn: dict[str, Any], q: SparseQ, tokens: torch.Tensor,
     gamma = idx.shape[0]
     cands = _candidates(tokens, alternatives, gamma)
     status, k, symbols, mant, sizes, cols, col_probs, hist, ga, ca = fn["encode_fields"](
-        idx.astype(np.int64), cnt.astype(np.int64), q.total, cands.astype(np.int64),
-        MANTISSA_SPLIT)
+        np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(cnt, dtype=np.int64),
+        q.total, np.ascontiguousarray(cands, dtype=np.int64), MANTISSA_SPLIT)
     if status:
         raise ValueError(_ENCODE_ERRORS[status])
     k_list = k.tolist()
