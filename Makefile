@@ -7,7 +7,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-targets bench-wire
+.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-targets bench-intake bench-wire
 
 setup:
 	@bash scripts/setup_env.sh
@@ -44,6 +44,12 @@ bench-quick: setup models
 # interleaved rounds, 16 devices, adaptive γ over the link sweep (docs/benchmarks/capacity-targets-base/).
 bench-targets: setup models-base
 	$(PY) scripts/bench_capacity.py --targets --pair base
+
+# Issue 14's intake A/B on the base pair: one device at RTT 0.5 and 2 × step, target-only beside the
+# edge alone, intake adaptive (γ = 4 and auto) and intake wait, 3 interleaved rounds (~15 min);
+# devices modelled at the targets run's 1.95 ms per draft token (docs/benchmarks/capacity-intake-base/).
+bench-intake: setup models-base
+	$(PY) scripts/bench_capacity.py --intake --pair base --device-draft-ms-per-token 1.95
 
 # Wire formats and links on the base pair: TSLT vs DSD vs TK-SLT (docs/benchmarks/e2e/report.md).
 bench-wire: setup models-base
