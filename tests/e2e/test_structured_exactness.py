@@ -43,7 +43,7 @@ from .server import free_port, metrics, vllm_server
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.statistical]
 logger = logging.getLogger(__name__)
 
-SAMPLES = {"regex": 600, "json": 1200}  # per arm (JSON needs more: its bias is split over strata)
+SAMPLES = {"regex": 1200, "json": 1200}  # per arm (600 left the regex control at p ~1e-7..7e-6)
 LENGTH = {"regex": 3, "json": 3}  # tokens compared per sample
 PROMPT = "    def "
 REGEX = r"[a-z_]{2,12}\("
