@@ -133,7 +133,8 @@ def test_a_step_decoded_without_the_draft_is_not_a_rejection():
     from collections import Counter
     from types import SimpleNamespace
 
-    from vllm_tslt.agent.runtime import DraftRuntime, SentDraft
+    from vllm_tslt.agent.runtime import DraftRuntime
+    from vllm_tslt.agent.track import SentDraft
     from vllm_tslt.protocol import Commit
 
     ctl = GammaController(AdaptiveConfig())
