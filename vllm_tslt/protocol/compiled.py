@@ -30,6 +30,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
+if AVAILABLE:  # a helper both kernels call: plain Python here, inlined into them when compiled
+    from numba.extending import register_jitable as _helper
+else:
+    def _helper(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return fn
 
 # Status codes of build_rows (sparse_payload.py maps them to ProtocolError reasons).
 OK, BAD_INDICES, BAD_COUNTS = 0, 1, 2
@@ -179,7 +184,6 @@ def _build_rows(bits: np.ndarray, mant: np.ndarray, k: np.ndarray, quant_bits: i
     if largest >= vocab_size:
         return indices, counts, np.empty((0, width)), BAD_INDICES
     total = np.int64(1) << quant_bits
-    multi = 0
     for j in range(gamma):
         rest = np.int64(0)
         for c in range(k[j] - 1):
@@ -189,17 +193,26 @@ def _build_rows(bits: np.ndarray, mant: np.ndarray, k: np.ndarray, quant_bits: i
         if total - rest < 1:
             return indices, counts, np.empty((0, width)), BAD_COUNTS
         counts[j, k[j] - 1] = total - rest
+    return indices, counts, _column_model(counts, k, m, total), OK
+
+
+@_helper
+def _column_model(counts: np.ndarray, k: np.ndarray, m: int, total: int) -> np.ndarray:
+    """The model of the token columns: q̃ of each row with k >= 2, m times in a row (one per
+    candidate), as wide as the widest row: [γ' * m, max k] float64 (counts [γ, >= max k])."""
+    multi = 0
+    for j in range(k.size):
         if k[j] >= 2:
             multi += 1
-    probs = np.zeros((multi * m, width), dtype=np.float64)
+    probs = np.zeros((multi * m, k.max()), dtype=np.float64)
     r = 0
-    for j in range(gamma):
+    for j in range(k.size):
         if k[j] >= 2:
             for _ in range(m):
                 for c in range(k[j]):
                     probs[r, c] = counts[j, c] / float(total)
                 r += 1
-    return indices, counts, probs, OK
+    return probs
 
 
 def _pick(indices: np.ndarray, k: np.ndarray, cols: np.ndarray, m: int) -> tuple[np.ndarray, bool]:
@@ -285,15 +298,8 @@ def _encode_fields(idx: np.ndarray, cnt: np.ndarray, total: int, cands: np.ndarr
             if k[j] >= 2:
                 cols[r] = c
                 r += 1
-    # the column model is as wide as the widest row (as the decoder builds it), not the padding
-    col_probs = np.zeros((multi * m, k.max()), dtype=np.float64)
-    r = 0
-    for j in range(gamma):
-        if k[j] >= 2:
-            for _ in range(m):
-                for c in range(k[j]):
-                    col_probs[r, c] = cnt[j, c] / float(total)
-                r += 1
+    # the column model as the decoder builds it: as wide as the widest row, not the padding
+    col_probs = _column_model(cnt, k, m, total)
     # Buckets: bit_length(gap), bit_length(count) - 1; mantissas below the leading one.
     symbols = np.empty(values.size, dtype=np.int32)
     ga = 1
