@@ -38,8 +38,12 @@ from vllm_tslt.bench.capacity_stats import (  # noqa: F401 (re-exported: the sta
     acceptance_from_moments,
     acceptance_from_positions,
     counters_delta,
+    farm_delta,
+    median_of,
     quantile,
     spec_counters,
+    sum_device_counters,
+    uplink_bytes_per_token,
 )
 from vllm_tslt.bench.runner import (
     COLOCATED,
@@ -373,14 +377,14 @@ class CapacityBench:
             / delta["proxy_steps"] if delta["proxy_steps"] else None,
             "edge_proxy_ms_per_step": delta["proxy_overhead_microseconds"] / 1e3
             / delta["proxy_steps"] if delta["proxy_steps"] else None,
-            "edge_plain_step_ms_reported": _median_of(g.get("target_step_ms") for g in gamma_snaps),
-            "edge_verify_ms_per_token": _median_of(g.get("edge_verify_ms_per_token")
+            "edge_plain_step_ms_reported": median_of(g.get("target_step_ms") for g in gamma_snaps),
+            "edge_verify_ms_per_token": median_of(g.get("edge_verify_ms_per_token")
                                                    for g in gamma_snaps),
             "speculation_paused_steps": sum(s["steps_off"] for s in device_stats)
             if farm else None,
-            "uplink_bytes_per_draft_token": _bytes_per_token(device_stats),
-            "farm": _farm_delta(farm_stats, farm_before) if farm_stats else None,
-            "device_counters": _sum_counters(device_stats) if farm else None,
+            "uplink_bytes_per_draft_token": uplink_bytes_per_token(device_stats),
+            "farm": farm_delta(farm_stats, farm_before) if farm_stats else None,
+            "device_counters": sum_device_counters(device_stats) if farm else None,
             "intake": {k: int(delta[k]) for k in INTAKE} if farm else None,
         }
         self.records.append(rec)
@@ -416,38 +420,6 @@ class CapacityBench:
             top_p=cell.system.top_p, k_max=64,
             num_draft_tokens=cell.gamma if cell.gamma == "auto" else int(cell.gamma),
             max_draft_tokens=EDGE_GAMMA_MAX, device="cpu", dtype="float32")
-
-
-def _median_of(values: Any) -> float | None:
-    xs = [v for v in values if v is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _sum_counters(stats: list[dict[str, Any]]) -> dict[str, int]:
-    """Every device's counters (DraftRuntime.counters), summed over the cell's devices: drafts,
-    sends ahead, branches and their bytes, pauses (whole run of the farm, warm-up included)."""
-    out: dict[str, int] = {}
-    for s in stats:
-        for k, v in s.items():
-            if isinstance(v, int) and not isinstance(v, bool):
-                out[k] = out.get(k, 0) + v
-    return out
-
-
-def _bytes_per_token(stats: list[dict[str, Any]]) -> float | None:
-    tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] + s["branch_tokens_sent"]
-                 for s in stats)
-    sent = sum(s["client"]["bytes_sent"] for s in stats)
-    return sent / tokens if tokens else None
-
-
-def _farm_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    out = dict(after)
-    for key in ("forwards", "states_extended", "overruns", "iterations"):
-        out[key] = after[key] - before.get(key, 0)
-    out["overrun_fraction"] = out["overruns"] / out["forwards"] if out["forwards"] else 0.0
-    out["mean_batch"] = out["states_extended"] / out["forwards"] if out["forwards"] else None
-    return out
 
 
 def calibration_cell() -> Cell:

@@ -1,6 +1,7 @@
 """The capacity benchmark's statistics: acceptance and its CI from the edge's per-round moments or
-vLLM's per-position counters, /metrics parsing, and the merging of cells run in several rounds or
-pooled over a run (vllm_tslt.bench.capacity runs the cells, capacity_report writes them up)."""
+vLLM's per-position counters, /metrics parsing, the device farm's counters per cell, and the
+merging of cells run in several rounds or pooled over a run (vllm_tslt.bench.capacity runs the
+cells, capacity_report writes them up)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,36 @@ def pooled_acceptance(records: list[Record]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["system"])
 
 
+# The device farm's side of a cell: its devices' counters summed, bytes per token, the farm's loop.
+
+
+def median_of(values: Any) -> float | None:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def sum_device_counters(stats: list[dict[str, Any]]) -> dict[str, int]:
+    """Every device's counters (DraftRuntime.counters), summed over the cell's devices: drafts,
+    sends ahead, branches and their bytes, pauses (whole run of the farm, warm-up included)."""
+    out: dict[str, int] = {}
+    for s in stats:
+        for k, v in s.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def uplink_bytes_per_token(stats: list[dict[str, Any]]) -> float | None:
+    tokens = sum(s["draft_tokens_sent"] + s["ahead_tokens_sent"] + s["branch_tokens_sent"]
+                 for s in stats)
+    sent = sum(s["client"]["bytes_sent"] for s in stats)
+    return sent / tokens if tokens else None
+
+
+def farm_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out = dict(after)
+    for key in ("forwards", "states_extended", "overruns", "iterations"):
+        out[key] = after[key] - before.get(key, 0)
+    out["overrun_fraction"] = out["overruns"] / out["forwards"] if out["forwards"] else 0.0
+    out["mean_batch"] = out["states_extended"] / out["forwards"] if out["forwards"] else None
+    return out
