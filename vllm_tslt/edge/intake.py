@@ -99,7 +99,7 @@ class IntakeDecision:
 def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecision:
     """The intake policy: what maximises the batch's progress, in request-seconds.
 
-    With s the (plain) step time, g_r = τ_r - 1 the tokens a draft adds to request r's next step,
+    With s the step time at the current load, g_r = τ_r - 1 the tokens a draft adds to request r's next step,
     and v_r = c·γ_r·running what verifying its γ_r draft tokens costs the batch (c: the step's
     cost per draft token; every running request waits for the longer step):
 
