@@ -6,8 +6,8 @@ Workload per system: 2 devices (TP: both on the one hub; DP: one per rank's hub,
 routed with X-data-parallel-rank to its device's rank), 2 client threads, each sending
 `--requests` sequential completions of `--max-tokens` tokens at `--temperature`.
 Acceptance = accepted / drafted tokens from vLLM's own spec-decode counters (summed over engines).
-Reproduce: `.venv/bin/python scripts/bench_scale.py` (writes --out, default
-/tmp/vllm-tslt-bench-scale/results.json).
+Reproduce: `.venv/bin/python scripts/bench_scale.py` (writes results.json and report.md to --out,
+default docs/benchmarks/scale/; the servers' logs go to --out/logs, not committed).
 """
 
 from __future__ import annotations
@@ -23,11 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_tslt.edge.launch import free_port, scrape_metrics, vllm_server
-
-try:  # the scripted device may have moved to the package (issue 17)
-    from vllm_tslt.testing.scripted_device import ScriptedDevice  # type: ignore
-except ImportError:
-    from tests.e2e.scripted_device import ScriptedDevice
+from vllm_tslt.testing.devices import ModelDevice
 
 PROMPTS = ["def read_config(path):\n", "import os\n\n\nclass ", "    for key, value in ",
            "    def ", "x = [", "class Parser:\n    def __init__(self"]
@@ -61,7 +57,7 @@ def run_system(name: str, extra: list[str], args, pair, out: Path) -> dict:
         ready_s = time.perf_counter() - t_start
         hubs = [f"tcp://127.0.0.1:{port + i}" for i in range(2)] if dp else \
             [f"tcp://127.0.0.1:{port}"] * 2
-        devices = [ScriptedDevice(hub, pair.draft, gamma=args.gamma, top_k=args.top_k)
+        devices = [ModelDevice(hub, pair.draft, gamma=args.gamma, top_k=args.top_k)
                    for hub in hubs]
         for dev in devices:
             dev.start_after_handshake()
@@ -119,27 +115,68 @@ def main() -> int:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--deadline-ms", type=float, default=500.0)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/vllm-tslt-bench-scale"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/scale"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm_tslt.models.pairs import ensure_pair
 
     pair = ensure_pair(args.pair)
-    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.systems.split(","):
-        results.append(run_system(name, SYSTEMS[name], args, pair, args.out))
+        print(f"[bench_scale] {name}: starting the server", flush=True)
+        results.append(run_system(name, SYSTEMS[name], args, pair, logs))
         print(json.dumps(results[-1]), flush=True)
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
               "when": time.strftime("%Y-%m-%d %H:%M"), "args": {k: str(v) for k, v in
                                                                   vars(args).items()},
               "results": results}
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
-    print(f"{'system':<6} {'acceptance':>10} {'draft tokens':>12} {'tokens/s':>9} {'ready s':>8}")
-    for r in results:
-        print(f"{r['system']:<6} {r['acceptance']!s:>10} {r['draft_tokens']:>12} "
-              f"{r['tokens_per_s']:>9} {r['ready_s']:>8}")
+    report = write_report(record, args.out)
+    print(report.read_text())
     return 0
+
+
+def write_report(record: dict, out: Path) -> Path:
+    """report.md: one row per system, tokens/s also as a ratio to the first system (TP=1)."""
+    results = record["results"]
+    base = results[0]["tokens_per_s"] if results else None
+    lines = [
+        "# Scale-out on this CPU: TP=1, TP=2 and DP=2 side by side", "",
+        f"Command: `{record['command']}`  ", f"When: {record['when']}; "
+        f"{os.cpu_count()} CPUs, one run, one server per system in turn.", "",
+        "Each system serves the same workload: 2 scripted devices (the pair's draft model, "
+        f"top-k {record['args']['top_k']}, γ = {record['args']['gamma']}), 2 client threads of "
+        f"{record['args']['requests']} sequential completions of {record['args']['max_tokens']} "
+        f"tokens at temperature {record['args']['temperature']}. Acceptance is vLLM's "
+        "accepted ÷ draft tokens, summed over engines; its 95% interval is a binomial "
+        "(Wilson) interval over draft tokens, which understates the spread when acceptances "
+        "within a round are correlated.", "",
+        "| system | acceptance (95% CI) | draft tokens | tokens/s | ÷ first system | ready s |",
+        "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        acc = "n/a" if r["acceptance"] is None else \
+            f"{r['acceptance']:.3f} ({_wilson(r['accepted_tokens'], r['draft_tokens'])})"
+        ratio = f"{r['tokens_per_s'] / base:.2f}×" if base else "n/a"
+        lines.append(f"| {r['system']} | {acc} | {r['draft_tokens']} | {r['tokens_per_s']} | "
+                     f"{ratio} | {r['ready_s']} |")
+    lines += ["", "On a 2-core CPU, TP=2 splits each forward over the same two cores the clients "
+              "and devices also use, and DP=2 runs two engines on them: neither is expected to "
+              "be faster here. The run checks that both serve, draft and accept like TP=1; "
+              "their speed-up needs GPUs (README, Running at scale)."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _wilson(successes: int, n: int, z: float = 1.96) -> str:
+    if n == 0:
+        return "n/a"
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return f"{centre - half:.3f}–{centre + half:.3f}"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from .scripted_device import ScriptedDevice
+from vllm_tslt.testing.devices import ModelDevice
+
 from .server import free_port, metrics, vllm_server
 from .test_edge_serve import _greedy
 
@@ -53,7 +54,7 @@ def edge(tiny_pair, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def devices(edge, tiny_pair):
-    devs = [ScriptedDevice(hub, tiny_pair.draft) for hub in edge["hubs"]]
+    devs = [ModelDevice(hub, tiny_pair.draft) for hub in edge["hubs"]]
     for dev in devs:
         assert dev.handshake().session_id
         dev.start()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_tslt.testing.devices import ModelDevice
+
 from . import test_edge_serve as common
-from .scripted_device import ScriptedDevice
 from .server import free_port, metrics, vllm_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,7 +28,7 @@ def edge(tiny_pair, tmp_path_factory):
 
 @pytest.fixture()
 def device(edge, tiny_pair):
-    dev = ScriptedDevice(edge["hub"], tiny_pair.draft, candidates=2).start_after_handshake()
+    dev = ModelDevice(edge["hub"], tiny_pair.draft, candidates=2).start_after_handshake()
     yield dev
     dev.stop()
 

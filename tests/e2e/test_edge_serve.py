@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from .scripted_device import ScriptedDevice
+from vllm_tslt.testing.devices import ModelDevice
+
 from .server import free_port, metrics, vllm_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -30,7 +31,7 @@ def edge(tiny_pair, tmp_path_factory):
 
 @pytest.fixture()
 def device(edge, tiny_pair):
-    dev = ScriptedDevice(edge["hub"], tiny_pair.draft)
+    dev = ModelDevice(edge["hub"], tiny_pair.draft)
     assert dev.handshake().session_id
     dev.start()
     yield dev
@@ -153,7 +154,7 @@ def test_temperature_one_samples_follow_the_target(edge, client, device, referen
     assert metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] > before
     p_honest = _chi_square_p(honest, cells)
 
-    liar = ScriptedDevice(edge["hub"], tiny_pair.draft, mode="lying")
+    liar = ModelDevice(edge["hub"], tiny_pair.draft, mode="lying")
     liar.handshake()
     liar.start()
     try:
@@ -168,7 +169,7 @@ def test_temperature_one_samples_follow_the_target(edge, client, device, referen
 
 
 def test_device_disconnecting_mid_generation(edge, client, tiny_pair, reference):
-    dev = ScriptedDevice(edge["hub"], tiny_pair.draft).start_after_handshake()
+    dev = ModelDevice(edge["hub"], tiny_pair.draft).start_after_handshake()
     model = client.models.list().data[0].id
     prompt = "def read_config(path):\n"
     stream = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0,
@@ -182,7 +183,7 @@ def test_device_disconnecting_mid_generation(edge, client, tiny_pair, reference)
 
 
 def test_garbage_device_does_not_hurt_others(edge, client, tiny_pair, device, reference):
-    bad = ScriptedDevice(edge["hub"], tiny_pair.draft, mode="garbage").start_after_handshake()
+    bad = ModelDevice(edge["hub"], tiny_pair.draft, mode="garbage").start_after_handshake()
     try:
         model = client.models.list().data[0].id
         t0 = time.monotonic()
@@ -200,7 +201,7 @@ def test_garbage_device_does_not_hurt_others(edge, client, tiny_pair, device, re
 
 
 def test_vocabulary_mismatch_is_refused(edge, tiny_pair):
-    dev = ScriptedDevice(edge["hub"], tiny_pair.draft, fingerprint="0" * 32)
+    dev = ModelDevice(edge["hub"], tiny_pair.draft, fingerprint="0" * 32)
     try:
         reply = dev.handshake()
         assert getattr(reply, "code", "") == "vocab_mismatch"

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from .scripted_device import ScriptedDevice
+from vllm_tslt.testing.devices import ModelDevice
+
 from .server import free_port, metrics, vllm_server
 from .test_edge_serve import _chi_square_p, _continuation_cells, _greedy
 
@@ -66,7 +67,7 @@ def edge(tiny_pair, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def device(edge, tiny_pair):
-    dev = ScriptedDevice(edge["hub"], tiny_pair.draft)
+    dev = ModelDevice(edge["hub"], tiny_pair.draft)
     assert dev.handshake().session_id
     dev.start()
     yield dev

@@ -36,8 +36,8 @@ from scipy.stats import chi2_contingency
 
 from vllm_tslt.core.sparsify import SparseQ
 from vllm_tslt.protocol import Draft, prefix_hash
+from vllm_tslt.testing.devices import ModelDevice
 
-from .scripted_device import ScriptedDevice
 from .server import free_port, metrics, vllm_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.statistical]
@@ -86,7 +86,7 @@ def _valid_mask(matcher, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(unpacked.reshape(-1)[:vocab_size].astype(bool))
 
 
-class GrammarDevice(ScriptedDevice):
+class GrammarDevice(ModelDevice):
     """Honest device whose q̃ puts half its mass on a grammar-invalid token (see module doc)."""
 
     def __init__(self, endpoint, draft_dir, compiled, vocab_size: int, prompt_len: int) -> None:
@@ -220,16 +220,19 @@ def test_constrained_samples_with_device_equal_edge_alone(edge, grammars, tiny_p
             arms[arm] = _sample(client, model, name, {"vllm_xargs": xargs})
             time.sleep(1.5)  # vLLM publishes its counters periodically
             accepted, drafted, steps = (b - a for a, b in zip(before, _spec_counters(edge["url"])))
-            # per draft token, and accepted tokens per drafted step (comparable across arms: the
-            # reject slot counts the grammar-invalid token as a draft token, vLLM's cut does not)
-            accept[arm] = (round(accepted / max(drafted, 1), 3), round(accepted / max(steps, 1), 3))
+            # per draft token and per drafted step (vLLM's counters: the reject slot counts the
+            # grammar-invalid token as a draft token and its step as a drafted step, vLLM's cut
+            # drops both), and per generated token (the one figure comparable across arms)
+            generated = sum(len(s) for s in arms[arm])
+            accept[arm] = (round(accepted / max(drafted, 1), 3), round(accepted / max(steps, 1), 3),
+                           round(accepted / max(generated, 1), 3))
     finally:
         dev.stop()
     tests = [*range(LENGTH[name]), slice(0, 2)]  # each position, and the first two jointly
     p = {arm: min(_homogeneity_p(s, alone, t) for t in tests) for arm, s in arms.items()}
     tv = {arm: max(_tv(s, alone, i) for i in range(LENGTH[name])) for arm, s in arms.items()}
     logger.warning("structured %s: first-position bias (theory) %.3f; min p %s; largest TV per position "
-                   "vs edge alone %s; acceptance (per draft token, per draft step) %s (%d samples per arm)", name, bias, p, tv,
+                   "vs edge alone %s; acceptance (per draft token, per draft step, per output token) %s (%d samples per arm)", name, bias, p, tv,
                    accept, SAMPLES[name])
     print(f"\n[structured {name}] theory bias {bias:.3f} | min p {p} | max TV {tv} | "
           f"acceptance {accept} | {SAMPLES[name]} samples per arm")
