@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vllm_tslt.bench.capacity import CapacityBench, Cell, Plan
-from vllm_tslt.bench.runner import TSLT_P
+from vllm_tslt.bench.runner import EDGE_ALONE, TSLT_P
 
 
 def server_process(root: int, which: str) -> int:
@@ -87,6 +87,8 @@ def main() -> int:
                              "on the base pair)")
     parser.add_argument("--gamma", default="4")
     parser.add_argument("--intake", default="adaptive")
+    parser.add_argument("--alone", action="store_true",
+                        help="the same clients without devices (no sessions): the baseline")
     parser.add_argument("--device-draft-ms-per-token", type=float, default=1.95)
     parser.add_argument("--seconds", type=float, default=25.0, help="profiled window")
     parser.add_argument("--edge-cpus", default="0")
@@ -111,7 +113,8 @@ def main() -> int:
     bench.step_ms = args.step_ms
     spec = {"method": "tslt", "num_speculative_tokens": 8, "bind": hub, "verifier": "fused",
             "max_candidates": 1, "intake": args.intake}
-    cell = Cell("capacity", TSLT_P, args.gamma, args.devices, args.rtt, 10.0)
+    cell = Cell("capacity", EDGE_ALONE if args.alone else TSLT_P, "-" if args.alone else args.gamma,
+                args.devices, args.rtt, 10.0)
     with vllm_server(pair.target, args.out / "server.log", spec,
                      cpus={int(c) for c in args.edge_cpus.split(",")}, max_model_len=512,
                      extra_args=["--max-num-seqs", str(max(64, 2 * args.devices))]) as url:
