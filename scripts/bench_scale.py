@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -42,8 +43,6 @@ def run_system(name: str, extra: list[str], args, pair, out: Path) -> dict:
     port = free_port()
     while True:  # rank 1's hub (DP) binds port + 1
         try:
-            import socket
-
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port + 1))
             break

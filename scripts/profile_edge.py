@@ -129,6 +129,9 @@ def main() -> int:
         time.sleep(1.0)
         rec = bench.run_cell(cell, url)
         spy.wait(timeout=120)
+    if spy.returncode != 0 or not raw.exists():
+        raise SystemExit(f"py-spy exited with {spy.returncode} and wrote no profile: it needs "
+                         "ptrace rights over the server (run as its user, or as root)")
     summary = {"cell": cell.label(), "record": {k: rec[k] for k in (
         "server_tokens_per_s", "tpot_p50_ms", "edge_step_ms", "draft_tokens_per_step",
         "edge_wait_ms_per_step", "edge_proxy_ms_per_step", "intake")}, **summarise(raw)}

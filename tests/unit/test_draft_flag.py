@@ -46,6 +46,50 @@ def test_a_step_without_propose_takes_the_drafts(key):
     writer.close()
 
 
+def test_the_writer_in_another_process_is_seen_through_the_mapping(key):
+    """The engine core and the worker are separate processes: the shared mapping must carry every
+    change the writer makes after the reader mapped it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    go, done = ctx.Event(), ctx.Event()
+
+    def worker() -> None:
+        writer = DraftFlagWriter(key)
+        writer.set(False)
+        done.set()
+        go.wait(10)
+        writer.set(True)
+        done.set()
+        go.wait(10)
+
+    proc = ctx.Process(target=worker)
+    proc.start()
+    try:
+        assert done.wait(10)
+        reader = DraftFlagReader(key)
+        assert reader.no_drafts()
+        done.clear()
+        go.set()
+        assert done.wait(10)
+        assert not reader.no_drafts()
+    finally:
+        go.set()
+        proc.join(10)
+
+
+def test_a_file_not_yet_written_is_read_as_unknown_and_mapped_later(key):
+    path = draft_flag.flag_path(key)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # the writer, mid-creation
+    try:
+        reader = DraftFlagReader(key)
+        assert not reader.no_drafts()  # empty: not mappable yet, take the drafts
+        os.pwrite(fd, draft_flag.NO_DRAFTS, 0)
+        assert reader.no_drafts()
+    finally:
+        os.close(fd)
+
+
 def test_a_planted_file_is_never_trusted(key):
     path = draft_flag.flag_path(key)
     path.write_bytes(draft_flag.NO_DRAFTS)  # someone else's byte, before our worker starts

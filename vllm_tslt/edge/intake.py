@@ -99,9 +99,9 @@ class IntakeDecision:
 def decide_intake(pending: Sequence[Pending], costs: IntakeCosts) -> IntakeDecision:
     """The intake policy: what maximises the batch's progress, in request-seconds.
 
-    With s the step time at the current load, g_r = τ_r - 1 the tokens a draft adds to request r's next step,
-    and v_r = c·γ_r·running what verifying its γ_r draft tokens costs the batch (c: the step's
-    cost per draft token; every running request waits for the longer step):
+    With s the step time at the current load, g_r = τ_r - 1 the tokens a draft adds to request
+    r's next step, and v_r = c·γ_r·running what verifying its γ_r draft tokens costs the batch
+    (c: the step's cost per draft token; every running request waits for the longer step):
 
     - waiting W gains g_r·s - v_r for every r whose draft is due within W (eta_r <= W) and costs
       W·running (every running request stalls): value(W) = Σ_{eta_r <= W} (g_r·s - v_r) - running·W;

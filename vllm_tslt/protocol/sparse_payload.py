@@ -1,4 +1,5 @@
-"""The entropy-coded payload of a draft's sparse q̃ rows + token columns (since protocol v2; v3 kept it).
+"""The entropy-coded payload of a draft's sparse q̃ rows + token columns (protocol v2; v3 kept
+it).
 
 Frame fields ``[γ, m, quant_bits, kw, ga, ca, payload]``: kw = bit_length(max k - 1); ga and ca the
 alphabet sizes of the gap and count buckets (largest bucket + 1; the tables are cut to them, which
