@@ -7,7 +7,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-targets bench-intake bench-wire
+.PHONY: setup demo test lint models models-base clean-models bench bench-quick bench-targets bench-intake bench-wire predict-gpu
 
 setup:
 	@bash scripts/setup_env.sh
@@ -54,3 +54,8 @@ bench-intake: setup models-base
 # Wire formats and links on the base pair: TSLT vs DSD vs TK-SLT (docs/benchmarks/e2e/report.md).
 bench-wire: setup models-base
 	$(PY) scripts/bench.py
+
+# The round model against the committed base-pair capacity runs, and its GPU-edge prediction
+# (seconds; no server): docs/benchmarks/gpu-prediction/.
+predict-gpu: setup
+	$(PY) scripts/predict_gpu.py

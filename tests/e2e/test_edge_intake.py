@@ -5,16 +5,22 @@ few engine steps after each commit, next to requests without a device that keep 
 the policy parks the device's request (vLLM's scheduler leaves it out of steps,
 patches/scheduler.py), waits or decodes it plainly. Whatever it chose, every output must equal
 the target's greedy decoding, and the decisions must show on /metrics.
+
+The statistical test samples at temperature 1 through the same server with the real device
+runtime sending drafts ahead, its requests' intake decisions drawn at random by the test-only
+switch ``tslt_test_intake_shuffle`` (so every path runs whatever the machine's timing).
 """
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from vllm_tslt.testing.devices import ModelDevice
 
+from .continuations import chi_square_p, continuation_cells
 from .server import free_port, metrics, vllm_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,7 +32,8 @@ def edge(tiny_pair, tmp_path_factory):
     spec = {"method": "tslt", "num_speculative_tokens": 4, "bind": f"tcp://127.0.0.1:{hub_port}",
             "draft_deadline_ms": 2000, "intake": "adaptive", "intake_max_park_steps": 4}
     log = tmp_path_factory.mktemp("edge") / "vllm.log"
-    with vllm_server(tiny_pair.target, log, spec) as url:
+    # VLLM_TSLT_TEST_SWITCHES allows the statistical test's per-request shuffle on this server only
+    with vllm_server(tiny_pair.target, log, spec, env={"VLLM_TSLT_TEST_SWITCHES": "1"}) as url:
         yield {"url": url, "hub": f"tcp://127.0.0.1:{hub_port}", "log": log}
 
 
@@ -76,3 +83,79 @@ def test_parked_and_plain_requests_decode_exactly(edge, client, reference, tiny_
     assert delta("vllm_tslt_draft_tokens_verified_total") > 0
     assert decisions["parks"] > 0, decisions  # the scheduler hook was exercised
     assert "Traceback" not in edge["log"].read_text()
+
+
+SHUFFLE = "tslt_test_intake_shuffle"
+DECISIONS = ("waits", "parks", "plain", "parked_drafted")
+
+
+def _shuffled_samples(client, session: str, prompt: str, total: int, seed: int):
+    """`total` unseeded 3-token continuations at temperature 1, 50 per request, every request's
+    intake decisions drawn at random (seeded by `seed` and the request id)."""
+    model = client.models.list().data[0].id
+    samples = []
+    for i in range(total // 50):
+        out = client.completions.create(
+            model=model, prompt=prompt, max_tokens=3, n=50, temperature=1.0,
+            extra_body={"vllm_xargs": {"tslt_session": session, SHUFFLE: seed + i},
+                        "return_token_ids": True})
+        samples.extend(tuple(c.token_ids) for c in out.choices)
+    return [s for s in samples if len(s) == 3]
+
+
+def _deltas(url: str, before: dict, names) -> dict:
+    after = metrics(url)
+    return {k: after.get(f"vllm_tslt_{k}_total", 0) - before.get(f"vllm_tslt_{k}_total", 0)
+            for k in names}
+
+
+def test_every_intake_choice_with_send_ahead_follows_the_target(edge, client, reference,
+                                                                 tiny_pair):
+    """Wait, park and plain decoding (drawn at random each step) with the real device runtime
+    sending drafts ahead (branch budget 2): the samples must follow the target.
+
+    Bound: chi-square of 3-token continuations of one prompt against transformers' exact target
+    probabilities, p > 1e-4, N = 400. The same test through the same shuffled intake must reject
+    (p < 1e-4) a lying device (argmax drafts claiming a uniform q̃: the negative control). Every
+    path must have run during the honest samples: waits, parks, parked requests verified with
+    their draft, plain steps and drafts sent ahead that a commit found waiting.
+    """
+    from vllm_tslt.agent.config import AgentConfig
+    from vllm_tslt.agent.runtime import DraftRuntime
+
+    prompt = "    def "
+    cells = continuation_cells(reference, prompt, 3)
+    config = AgentConfig(draft_model=str(tiny_pair.draft), edge=edge["hub"], api=edge["url"],
+                         listen="127.0.0.1:0", num_draft_tokens=4, top_k=16, branch_budget=2)
+    runtime = DraftRuntime(config)
+    runtime.start()
+    try:
+        assert runtime.wait_session(60), runtime.failure
+        before = metrics(edge["url"])
+        honest = _shuffled_samples(client, runtime.session_id, prompt, 400, seed=11)
+        time.sleep(1.5)  # the worker writes its counters every 0.5 s
+        seen = _deltas(edge["url"], before,
+                       [f"intake_{k}" for k in DECISIONS]
+                       + ["drafts_ahead_hits", "draft_tokens_verified"])
+    finally:
+        runtime.stop()
+    print("shuffled intake, honest device:", seen)
+    p_honest = chi_square_p(honest, cells)
+
+    liar = ModelDevice(edge["hub"], tiny_pair.draft, mode="lying").start_after_handshake()
+    try:
+        before = metrics(edge["url"])
+        lying = _shuffled_samples(client, liar.session_id, prompt, 400, seed=23)
+        time.sleep(1.5)
+        lied = _deltas(edge["url"], before, ["draft_tokens_verified"])
+    finally:
+        liar.stop()
+    p_lying = chi_square_p(lying, cells)
+    print(f"p honest {p_honest:.3g} (N={len(honest)}), p lying {p_lying:.3g} (N={len(lying)}), "
+          f"lying drafts verified {lied}")
+    assert len(honest) > 350 and len(lying) > 350
+    assert all(seen[f"intake_{k}"] > 0 for k in DECISIONS), seen
+    assert seen["drafts_ahead_hits"] > 0 and seen["draft_tokens_verified"] > 0, seen
+    assert lied["draft_tokens_verified"] > 0, lied
+    assert p_honest > 1e-4, f"honest device through the shuffled intake: p={p_honest:.2e}"
+    assert p_lying < 1e-4, f"negative control not rejected: p={p_lying:.2e}"

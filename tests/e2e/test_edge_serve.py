@@ -7,11 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from scipy.stats import chisquare
 
 from vllm_tslt.testing.devices import ModelDevice
 
+from .continuations import chi_square_p, continuation_cells
 from .server import free_port, metrics, vllm_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -98,36 +97,6 @@ def test_request_without_session_and_seeded_reproducibility(client):
     assert a.choices[0].text == b.choices[0].text and a.choices[0].text
 
 
-def _continuation_cells(reference, prompt: str, length: int, floor: float = 2e-3):
-    """Exact target probabilities of every `length`-token continuation with p >= floor."""
-    tok, model = reference
-    base = tok(prompt).input_ids
-    cells: dict[tuple[int, ...], float] = {}
-    frontier = [((), 1.0)]
-    with torch.no_grad():
-        for _ in range(length):
-            nxt = []
-            for seq, p in frontier:
-                logits = model(input_ids=torch.tensor([base + list(seq)])).logits[0, -1]
-                probs = torch.softmax(logits.double(), -1)
-                for t in torch.nonzero(probs * p >= floor).flatten().tolist():
-                    nxt.append(((*seq, t), p * float(probs[t])))
-            frontier = nxt
-    for seq, p in frontier:
-        cells[seq] = p
-    return cells
-
-
-def _chi_square_p(samples: list[tuple[int, ...]], cells: dict[tuple[int, ...], float]) -> float:
-    n = len(samples)
-    keys = [k for k, p in cells.items() if p * n >= 5]
-    observed = [sum(s == k for s in samples) for k in keys]
-    expected = [cells[k] * n for k in keys]
-    observed.append(n - sum(observed))
-    expected.append(n - sum(expected))
-    return float(chisquare(observed, expected).pvalue)
-
-
 def _sample_continuations(client, dev, prompt: str, length: int, total: int):
     # NOTE: no seed: with n > 1 one seed would correlate the n samples of a request.
     model = client.models.list().data[0].id
@@ -147,12 +116,12 @@ def test_temperature_one_samples_follow_the_target(edge, client, device, referen
     device that drafts argmax tokens while claiming a uniform q̃ (negative control).
     """
     prompt = "    def "
-    cells = _continuation_cells(reference, prompt, 3)
+    cells = continuation_cells(reference, prompt, 3)
     before = metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"]
     honest = [s for s in _sample_continuations(client, device, prompt, 3, 300)
               if len(s) == 3]
     assert metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] > before
-    p_honest = _chi_square_p(honest, cells)
+    p_honest = chi_square_p(honest, cells)
 
     liar = ModelDevice(edge["hub"], tiny_pair.draft, mode="lying")
     liar.handshake()
@@ -162,7 +131,7 @@ def test_temperature_one_samples_follow_the_target(edge, client, device, referen
                  if len(s) == 3]
     finally:
         liar.stop()
-    p_lying = _chi_square_p(lying, cells)
+    p_lying = chi_square_p(lying, cells)
     assert len(honest) > 250 and len(lying) > 250
     assert p_honest > 1e-4, f"honest device: p={p_honest:.2e}"
     assert p_lying < 1e-4, f"negative control not rejected: p={p_lying:.2e}"
@@ -290,9 +259,9 @@ def test_requests_without_a_device_follow_the_target(client, reference):
     `_sample`). Bound: p > 1e-4 at temperature 1; the same test must reject (p < 1e-4) samples
     drawn at temperature 0.7 (a deliberately wrong sampler: the test has power)."""
     prompt = "    def "
-    cells = _continuation_cells(reference, prompt, 3)
-    p_plain = _chi_square_p(_plain_samples(client, prompt, 3, 300), cells)
-    p_wrong = _chi_square_p(_plain_samples(client, prompt, 3, 300, temperature=0.7), cells)
+    cells = continuation_cells(reference, prompt, 3)
+    p_plain = chi_square_p(_plain_samples(client, prompt, 3, 300), cells)
+    p_wrong = chi_square_p(_plain_samples(client, prompt, 3, 300, temperature=0.7), cells)
     assert p_plain > 1e-4, f"edge without a device: p={p_plain:.2e}"
     assert p_wrong < 1e-4, f"negative control (temperature 0.7) not rejected: p={p_wrong:.2e}"
 
@@ -306,7 +275,7 @@ def test_mixed_batch_and_binding_mid_batch(edge, client, device, reference):
 
     model = client.models.list().data[0].id
     prompt = "    def "
-    cells = _continuation_cells(reference, prompt, 3)
+    cells = continuation_cells(reference, prompt, 3)
     stop = threading.Event()
 
     def drafted_load() -> int:  # sampled requests with drafts, side by side with the plain ones
@@ -331,7 +300,7 @@ def test_mixed_batch_and_binding_mid_batch(edge, client, device, reference):
         finally:
             stop.set()
         assert load.result(timeout=600) > 0 and long_run.result(timeout=600)
-        p_plain = _chi_square_p(plain, cells)
+        p_plain = chi_square_p(plain, cells)
     deadline = time.monotonic() + 3  # the worker writes its counters every 0.5 s
     while metrics(edge["url"])["vllm_tslt_draft_tokens_verified_total"] <= before:
         assert time.monotonic() < deadline, "the request that joined mid-batch got no drafts"

@@ -19,8 +19,9 @@ import pytest
 
 from vllm_tslt.testing.devices import ModelDevice
 
+from .continuations import chi_square_p, continuation_cells
 from .server import free_port, metrics, vllm_server
-from .test_edge_serve import _chi_square_p, _continuation_cells, _greedy
+from .test_edge_serve import _greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DEADLINE_MS = 3000
@@ -103,7 +104,7 @@ def test_tp2_samples_follow_the_target_with_a_device_drafting(edge, client, devi
     p > 1e-4; the same statistic rejects a lying device in test_edge_serve (its negative control).
     Both ranks sample the same tokens in every step (tp_check)."""
     prompt = "    def "
-    cells = _continuation_cells(reference, prompt, 3)
+    cells = continuation_cells(reference, prompt, 3)
     before = metrics(edge["url"])
     model = client.models.list().data[0].id
     samples = []
@@ -115,7 +116,7 @@ def test_tp2_samples_follow_the_target_with_a_device_drafting(edge, client, devi
     after = metrics(edge["url"])
     assert after[VERIFIED] - before.get(VERIFIED, 0) > 100, "too few drafts verified"
     assert len(samples) > 250
-    p = _chi_square_p(samples, cells)
+    p = chi_square_p(samples, cells)
     assert p > 1e-4, f"TP=2 with a device drafting: p={p:.2e}"
     assert after.get(DIVERGENT, 0) == 0, "TP ranks sampled different tokens"
 

@@ -217,3 +217,39 @@ def test_gather_takes_the_engines_fitted_step_cost_and_the_last_draft_length():
     assert hub.seen[-1] == (0.0, set())
     intake.forget("a")
     assert "a" not in intake._draft_len
+
+
+def test_a_shuffled_request_takes_every_choice_within_the_limits():
+    """The test-only shuffle (the statistical e2e test's driver): wait, park and plain each
+    happen, parks stay within max_park_steps, the next step is never emptied, and requests that
+    are not shuffled keep the policy's choice."""
+    intake = Intake("adaptive", 0.2, max_park_steps=2)
+    intake._step.add(STEP)
+    intake.shuffle("a", 7)
+    hub = FakeHub(eta=5.0, late={"a", "b"})  # b's draft is far off: the policy decodes it plainly
+    seen, parked_run = {"wait": 0, "park": 0, "plain": 0}, 0
+    for _ in range(200):
+        intake._end = None
+        batch = [rid for rid in ("a", "b", "c") if rid not in intake.parked]
+        _, park = intake.gather(hub, batch, len(batch))
+        d = intake.last_decision
+        assert "b" not in d.wait_for and "b" not in park
+        if "a" in d.wait_for:
+            seen["wait"] += 1
+            assert d.wait_s == 0.2
+        elif "a" in park:
+            seen["park"] += 1
+        else:
+            seen["plain"] += 1
+        parked_run = parked_run + 1 if "a" in park else 0
+        assert parked_run <= 2
+    assert min(seen.values()) >= 30, seen
+    # Alone in the batch, a park would empty the next step: it decodes plainly instead.
+    alone = Intake("adaptive", 0.2, max_park_steps=2)
+    alone._step.add(STEP)
+    alone.shuffle("a", 1)
+    for _ in range(50):
+        alone._end = None
+        assert alone.gather(FakeHub(eta=5.0, late={"a"}), ["a"], 1)[1] == []
+    alone.forget("a")
+    assert "a" not in alone._shuffled

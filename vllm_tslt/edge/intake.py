@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,6 +195,10 @@ class Intake:
         self._end: float | None = None
         self._batch: frozenset[str] = frozenset()
         self.last_decision = IntakeDecision(0.0, frozenset(), frozenset())
+        # Test-only (VLLM_TSLT_TEST_SWITCHES=1, set by the proposer): requests whose decisions are
+        # drawn at random instead of by the policy, so every intake path is exercised whatever
+        # the machine's timing (tests/e2e/test_edge_intake.py's statistical test).
+        self._shuffled: dict[str, random.Random] = {}
 
     @classmethod
     def from_config(cls, config: Any) -> Intake:
@@ -209,8 +214,15 @@ class Intake:
         est.add(float(tokens))
         self._tokens_all.add(float(tokens))
 
+    def shuffle(self, request_id: str, seed: int | str) -> None:
+        """Test-only: decide request_id's intake at random (wait, park or plain, each step its
+        draft is in flight) instead of by `decide_intake`. Every choice is one the policy can
+        make, so the request's output must still follow the target exactly."""
+        self._shuffled[request_id] = random.Random(f"{seed}:{request_id}")
+
     def forget(self, request_id: str) -> None:
         self.parked.pop(request_id, None)
+        self._shuffled.pop(request_id, None)
         self._tokens.pop(request_id, None)
         self._draft_len.pop(request_id, None)
 
@@ -246,6 +258,8 @@ class Intake:
         decision = decide_intake(pending, IntakeCosts(
             step_s, batch_size + len(returning), batch_size, self.max_wait_s,
             self.max_park_steps, self.mode, verify_s))
+        if self._shuffled:
+            decision = self._shuffle_decision(decision, pending, batch_size)
         drafts = hub.collect(candidates, decision.wait_s, wait_for=decision.wait_for,
                              defer=decision.park) if candidates else {}
         park = [rid for rid in candidates if rid in decision.park and rid not in drafts]
@@ -256,6 +270,29 @@ class Intake:
         self.parked = {rid: self.parked.get(rid, 0) + 1 for rid in park}
         self._end, self._batch = time.perf_counter(), frozenset(candidates)
         return drafts, park
+
+    def _shuffle_decision(self, decision: IntakeDecision, pending: list[Pending],
+                          batch_size: int) -> IntakeDecision:
+        """`decision` with the shuffled requests' choices drawn at random (`shuffle`): wait up to
+        the deadline, park (within max_park_steps, never emptying the next step) or plain."""
+        wait_for, park = set(decision.wait_for), set(decision.park)
+        wait_s = decision.wait_s
+        for p in pending:
+            rng = self._shuffled.get(p.request_id)
+            if rng is None:
+                continue
+            wait_for.discard(p.request_id)
+            park.discard(p.request_id)
+            can_park = p.parked_steps < self.max_park_steps
+            pick = rng.choice(("wait", "park", "plain") if can_park else ("wait", "plain"))
+            if pick == "wait":
+                wait_for.add(p.request_id)
+                wait_s = self.max_wait_s
+            elif pick == "park":
+                park.add(p.request_id)
+        if park and not _someone_runs(pending, park, batch_size):
+            park.clear()  # they decode plainly: an empty step hands no draft over
+        return IntakeDecision(wait_s, frozenset(wait_for), frozenset(park), decision.value_s)
 
     @staticmethod
     def _count(hub: Any, decision: IntakeDecision, pending: list[Pending], drafts: dict[str, Any],

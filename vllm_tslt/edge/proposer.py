@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vllm_tslt import envs
 from vllm_tslt.core.estimators import DiscountedLine
 from vllm_tslt.core.float_q import FloatQ, concat_rows
 from vllm_tslt.core.sparsify import SparseQ
@@ -35,6 +36,9 @@ SESSION_KEY = "tslt_session"  # vllm_xargs / SamplingParams.extra_args key namin
 # Test-only (VLLM_TSLT_TEST_SWITCHES=1): TP ranks other than 0 verify this request's drafts with
 # one-hot rows instead of rank 0's q̃ (the negative control of the tp_check debug check).
 TEST_TP_PERTURB_KEY = "tslt_test_tp_perturb"
+# Test-only (VLLM_TSLT_TEST_SWITCHES=1): this request's intake decisions (wait, park, plain) are
+# drawn at random from the given seed instead of by the policy (Intake.shuffle).
+TEST_INTAKE_SHUFFLE_KEY = "tslt_test_intake_shuffle"
 STEP_COST_HALF_LIFE = 32.0  # steps
 
 
@@ -280,6 +284,9 @@ class TsltProposer:
             mode = cut_mode(params)
             if ok and mode != "none":
                 self._cut_mode[rid] = mode
+            shuffle = (params.extra_args or {}).get(TEST_INTAKE_SHUFFLE_KEY) if ok else None
+            if shuffle is not None and envs.test_switches_enabled():
+                self.intake.shuffle(rid, shuffle)
             min_tokens = int(getattr(params, "min_tokens", 0) or 0)
             if ok and min_tokens > 0:
                 self._min_tokens[rid] = (len(prompt), min_tokens)
@@ -331,8 +338,6 @@ class TsltProposer:
 
     def _perturbed_for_test(self, req_ids: list[str]) -> bool:
         """The tp_check negative control: a TP rank other than 0 ignores rank 0's q̃."""
-        from vllm_tslt import envs
-
         if self.parallel.tp_rank == 0 or not envs.test_switches_enabled():
             return False
         requests = getattr(self._runner, "requests", {})
