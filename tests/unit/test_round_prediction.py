@@ -9,6 +9,7 @@ import pytest
 from vllm_tslt.bench.round_prediction import (
     RoundCosts,
     adaptive_speedup,
+    colocated_speedup,
     hit_needed,
     roofline_verify_cost,
     wait_speedup,
@@ -62,3 +63,9 @@ def test_costs_are_validated_naming_the_field():
 
 def test_roofline_verify_cost_is_bandwidth_over_compute():
     assert roofline_verify_cost(4.8e12, 989e12) == pytest.approx(0.00485, rel=1e-3)
+
+
+def test_the_colocated_drafter_pays_its_drafting_on_the_edge_and_no_link():
+    c = RoundCosts(alpha=0.5, gamma=4, rtt=3.0, draft=0.2, verify=0.01, overhead=1.0)
+    assert colocated_speedup(c, 0.125) == pytest.approx(c.tokens / (1.04 + 0.5))
+    assert colocated_speedup(c, 0.0) == pytest.approx(wait_speedup(with_hit(c, 1.0)))

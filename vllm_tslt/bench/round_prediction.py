@@ -21,6 +21,11 @@ the chain or a branch). So under `intake: wait`
 
 With the adaptive intake a miss may instead decode plainly (one token in o); `adaptive_speedup`
 takes the better of the two per miss, which is what the policy's value model chooses.
+
+Many devices: with the adaptive intake a request whose draft is late is parked and the batch runs
+without it, so on an edge whose step does not grow with the batch (a memory-bound GPU decode) each
+request keeps its one-device speedup; on an edge with more requests ready than batch slots, the
+slots of parked requests go to others and every wait is hidden (h = 1 in the formula above).
 """
 
 from __future__ import annotations
@@ -94,6 +99,12 @@ def hit_needed(c: RoundCosts, speedup: float) -> float:
 
 def with_hit(c: RoundCosts, hit: float) -> RoundCosts:
     return dataclasses.replace(c, hit=hit)
+
+
+def colocated_speedup(c: RoundCosts, draft_on_edge: float) -> float:
+    """vLLM's co-located `draft_model` on the same edge: no link and no misses, but the edge
+    itself drafts γ tokens per round at `draft_on_edge` target steps each."""
+    return c.tokens / (c.step + c.gamma * draft_on_edge)
 
 
 def roofline_verify_cost(hbm_bytes_per_s: float, flops_per_s: float) -> float:
