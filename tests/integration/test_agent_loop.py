@@ -19,11 +19,14 @@ from vllm_tslt.core.rng import exponential_noise, position_generator
 from vllm_tslt.core.verify_ref import chain_rejection_sample_ref
 from vllm_tslt.edge.config import TsltConfig
 from vllm_tslt.edge.hub import DraftHub
+from vllm_tslt.protocol import EdgeStatus
 
 pytestmark = pytest.mark.integration
 class FakeEngine:
-    def __init__(self, hub, target, deadline_s: float = 0.2, step_s: float = 0.0) -> None:
+    def __init__(self, hub, target, deadline_s: float = 0.2, step_s: float = 0.0,
+                 status: EdgeStatus | None = None) -> None:
         self.hub = hub
+        self.status = status  # told to devices when a request starts (the proposer's EdgeStatus)
         self.step_s = step_s  # emulated extra time per engine step (a bigger target)
         self.target = target.eval()
         self.deadline_s = deadline_s
@@ -45,13 +48,16 @@ class FakeEngine:
         params = {"temperature": temperature, "top_p": 1.0, "top_k": 0, "seed": seed,
                   "max_tokens": max_tokens, "max_gamma": self.hub.max_gamma}
         assert self.hub.start_request(request_id, session_id, prompt, params)
+        if self.status is not None:
+            self.hub.broadcast_status(self.status)
         seq = list(prompt)
         while len(seq) - len(prompt) < max_tokens:
             draft = self.hub.collect([request_id], self.deadline_s).get(request_id)
             emitted = self._step(seq, draft, temperature, seed)
             emitted = emitted[: max_tokens - (len(seq) - len(prompt))]
             seq += emitted
-            self.hub.commit(request_id, len(seq), emitted)
+            verified = 0 if draft is None else min(draft.gamma, self.hub.max_gamma)
+            self.hub.commit(request_id, len(seq), emitted, verified)
         self.hub.end_request(request_id, "finished")
         return seq[len(prompt):]
 
@@ -134,6 +140,38 @@ def test_greedy_loop_output_equals_target_alone(loop, models):
     print("greedy:", {k: stats[k] for k in ("proactive_hit_rate", "ahead_hits", "rollbacks",
                                              "drafts_sent", "rounds", "chain_matched")},
           "steps", engine.steps, "accepted/drafted", engine.accepted, engine.draft_tokens)
+
+
+def test_a_paused_agent_follows_commits_sent_together(models, caplog):
+    """Speculation off (min_speedup out of reach), a probe every 0.3 s: the hub holds the paused
+    device's commits back and sends them together (sessions.PAUSED_COMMIT_INTERVAL_S); the agent
+    follows them (no request dropped for a mismatch), it is told fewer commits than the engine
+    took steps, its probes still reach the hub, and the output is the target's greedy one."""
+    drafter, target = models
+    hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
+                   vocab_size=drafter.vocab_size, vocab_fingerprint=drafter.fingerprint(),
+                   model_name="tiny-target", max_gamma=4).start()
+    cfg = AgentConfig(draft_model="unused", edge=hub.endpoint, num_draft_tokens="auto",
+                      min_speedup=50.0, probe_interval_s=0.3)
+    runtime = DraftRuntime(cfg, drafter)
+    runtime.start()
+    try:
+        assert runtime.wait_session(10), runtime.failure
+        engine = FakeEngine(hub, target, step_s=0.02, status=EdgeStatus(25.0, 0.0, 1))
+        prompt = _prompt(drafter, 0)
+        with caplog.at_level("WARNING"):
+            out = engine.generate("p0", runtime.session_id, prompt, max_tokens=80)
+        snap, stats = hub.snapshot(), runtime.stats()
+    finally:
+        runtime.stop()
+        hub.close()
+    assert out == greedy_reference(target, prompt, 80)
+    assert snap["pauses"] > 0 and snap.get("commits_held", 0) > 0, snap
+    assert stats["commits"] < engine.steps, (stats["commits"], engine.steps)
+    assert snap["drafts_received"] > 0  # probes
+    assert "dropping request" not in caplog.text
+    print("paused:", {k: snap[k] for k in ("pauses", "commits_held", "drafts_received")},
+          "device commits", stats["commits"], "engine steps", engine.steps)
 
 
 def test_sampled_loop_rolls_back_and_reaches_the_end(loop, models):

@@ -253,3 +253,26 @@ def test_a_shuffled_request_takes_every_choice_within_the_limits():
         assert alone.gather(FakeHub(eta=5.0, late={"a"}), ["a"], 1)[1] == []
     alone.forget("a")
     assert "a" not in alone._shuffled
+
+
+def test_the_shuffle_keeps_the_policys_parks_and_is_off_in_wait_mode():
+    # b's draft is 8 ms away and three requests run: the policy parks b (see above). a is
+    # shuffled; whatever it draws, b stays parked, and a park of a never empties the step.
+    intake = Intake("adaptive", 0.2, max_park_steps=4)
+    intake._step.add(STEP)
+    for _ in range(5):
+        intake.observe("b", 3)
+    intake.shuffle("a", 3)
+    for _ in range(30):
+        intake._end, intake.parked = None, {}
+        _, park = intake.gather(FakeHub(eta=0.008, late={"a", "b"}), ["a", "b", "c"], 3)
+        assert "b" in park and "c" not in park
+        # With c finishing this step (2 run on), parking both a and b would empty the next one.
+        intake._end, intake.parked = None, {}
+        _, park = intake.gather(FakeHub(eta=0.008, late={"a", "b"}), ["a", "b"], 2)
+        assert len(park) < 2  # someone runs
+    waiting = Intake("wait", 0.2, max_park_steps=4)
+    waiting.shuffle("a", 3)
+    for _ in range(10):
+        _, park = waiting.gather(FakeHub(eta=0.008, late={"a", "b"}), ["a", "b"], 2)
+        assert park == [] and waiting.last_decision.wait_for == {"a", "b"}

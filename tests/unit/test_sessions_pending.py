@@ -95,3 +95,35 @@ def test_lateness_counts_a_draft_sent_ahead_as_in_time(table) -> None:
     _store(table, session, _draft([*PROMPT, 5, 6, 7], [8]))  # answers the commit just made
     assert 0.0 < session.lateness.mean.value < 0.5  # since commit 6 (3 and 4 went with 5)
     assert not table.requests["r"].commit_times
+
+
+def test_a_paused_devices_commits_are_held_and_sent_together(table, monkeypatch) -> None:
+    """A paused device is told its committed tokens at most every PAUSED_COMMIT_INTERVAL_S, all
+    of them at once; a step that verified drafts and any step after a draft arrives are told at
+    once; nothing is lost or reordered."""
+    from vllm_tslt.edge import sessions
+
+    table, session = table
+    clock = [100.0]
+    monkeypatch.setattr(sessions.time, "monotonic", lambda: clock[0])
+    assert table.advance("r", 4, [4]) == (b"dev", 1, (4,))  # not paused: told every step
+    table.pause(session, 1)
+    clock[0] += 0.01
+    assert table.advance("r", 5, [5]) is None  # paused, told 10 ms ago: held
+    clock[0] += 0.01
+    assert table.advance("r", 7, [6, 7]) is None
+    clock[0] += sessions.PAUSED_COMMIT_INTERVAL_S
+    assert table.advance("r", 8, [8]) == (b"dev", 1, (5, 6, 7, 8))  # the interval passed
+    assert table.counters["commits_held"] == 2
+    clock[0] += 0.01
+    assert table.advance("r", 9, [9]) is None
+    # A probe draft (for the prefix the device knows) ends the pause: the next commit tells all.
+    _store(table, session, _draft([*PROMPT, 4, 5, 6, 7, 8], [1]))
+    clock[0] += 0.001
+    assert table.advance("r", 10, [10]) == (b"dev", 1, (9, 10))
+    table.pause(session, 1)
+    clock[0] += 0.001
+    assert table.advance("r", 12, [11, 12], verified=1) == (b"dev", 1, (11, 12))  # verified
+    # The hash followed every token, held or told: a draft for the full prefix is usable.
+    _store(table, session, _draft([*PROMPT, *range(4, 13)], [1]))
+    assert list(table.collect(["r"], 0.0)) == ["r"]

@@ -33,6 +33,7 @@ from typing import Any
 from vllm_tslt.agent.link import LinkSpec
 from vllm_tslt.bench.capacity_stats import (  # noqa: F401 (re-exported: the statistics' old home)
     EDGE_TIMES,
+    HUB,
     INTAKE,
     MOMENTS,
     acceptance_from_moments,
@@ -386,6 +387,7 @@ class CapacityBench:
             "farm": farm_delta(farm_stats, farm_before) if farm_stats else None,
             "device_counters": sum_device_counters(device_stats) if farm else None,
             "intake": {k: int(delta[k]) for k in INTAKE} if farm else None,
+            "hub": {k: int(delta[k]) for k in HUB} if farm else None,
         }
         self.records.append(rec)
         return rec

@@ -1,8 +1,10 @@
 """What one device's rounds cost an edge, in units of the target's plain step: the model behind
 `scripts/predict_gpu.py` (issue 14: what the design predicts for a GPU edge).
 
-A drafted round emits E(γ) = (1 - α^(γ+1)) / (1 - α) tokens (the i.i.d. acceptance model the
-agent's adaptive γ uses, `vllm_tslt.agent.adaptive.expected_tokens`) in one edge step that costs
+A drafted round emits E(γ) = (1 - α^(γ+1)) / (1 - α) tokens, α the per-position acceptance (the
+i.i.d. model of the agent's adaptive γ, `vllm_tslt.agent.adaptive.expected_tokens`; benchmarks
+report accepted / drafted tokens instead, which `alpha_from_acceptance` converts), in one edge
+step that costs
 
     o + κ·γ                                 (the edge's plain step, plus verifying γ draft tokens)
 
@@ -13,19 +15,14 @@ the wait for it:
 
 Every term is in plain steps of target-only decoding (s): o = the edge's plain step / s (1 = no
 overhead), κ = a draft token's verification / s, ρ = RTT / s, δ = the device's drafting per token /
-s, ε = measured lateness the other terms do not explain (the emulated link's hand-over, scheduling
-on a shared box). h is the fraction of drafted steps whose draft was already waiting (sent ahead by
-the chain or a branch). So under `intake: wait`
+s, ε = lateness the other terms do not explain. So under `intake: wait`
 
     speedup = E / (o + κ·γ + (1 - h)·(ρ + γ·δ + ε)).
 
-With the adaptive intake a miss may instead decode plainly (one token in o); `adaptive_speedup`
-takes the better of the two per miss, which is what the policy's value model chooses.
-
-Many devices: with the adaptive intake a request whose draft is late is parked and the batch runs
-without it, so on an edge whose step does not grow with the batch (a memory-bound GPU decode) each
-request keeps its one-device speedup; on an edge with more requests ready than batch slots, the
-slots of parked requests go to others and every wait is hidden (h = 1 in the formula above).
+Many devices: the adaptive intake parks a request whose draft is late and the batch runs on
+without it; on an edge whose step does not grow with the batch (a memory-bound decode) each
+request keeps this one-device speedup. A parked request keeps its place among vLLM 0.32's running
+requests (and its KV blocks), so it does not free a batch slot for another request.
 """
 
 from __future__ import annotations
@@ -81,12 +78,6 @@ def wait_speedup(c: RoundCosts) -> float:
     return c.tokens / (c.step + (1.0 - c.hit) * c.miss_wait)
 
 
-def adaptive_speedup(c: RoundCosts) -> float:
-    """The better of waiting on a miss and decoding it plainly (one token in one plain step)."""
-    plain = (c.hit * c.tokens + (1.0 - c.hit)) / (c.hit * c.step + (1.0 - c.hit) * c.overhead)
-    return max(wait_speedup(c), plain)
-
-
 def hit_needed(c: RoundCosts, speedup: float) -> float:
     """The least hit rate h at which waiting reaches `speedup` (math.inf: not at any h ≤ 1)."""
     budget = c.tokens / speedup - c.step  # what the misses' waits may cost per round
@@ -95,6 +86,21 @@ def hit_needed(c: RoundCosts, speedup: float) -> float:
     if c.miss_wait <= budget:
         return 0.0
     return 1.0 - budget / c.miss_wait
+
+
+def alpha_from_acceptance(acceptance: float, gamma: int) -> float:
+    """The per-position α whose i.i.d. rounds of γ draft tokens accept `acceptance` of them:
+    solves (α + α² + ... + α^γ) / γ = acceptance (bisection; increasing in α)."""
+    if not 0.0 <= acceptance < 1.0:
+        raise ValueError(f"acceptance must be in [0, 1), got {acceptance}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(1, gamma + 1)) / gamma < acceptance:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def with_hit(c: RoundCosts, hit: float) -> RoundCosts:

@@ -134,13 +134,13 @@ class DraftHub:
         """The request's sequence is now committed_len tokens long, ending with new_tokens, emitted
         by a step that verified `verified` draft tokens of the request (0: decoded plainly)."""
         try:
-            bound = self.table.advance(request_id, committed_len, new_tokens)
+            told = self.table.advance(request_id, committed_len, new_tokens, int(verified))
         except CommitLengthError as exc:
             self._anomaly("commit_length", request_id, exc, traceback=False)
             return
-        if bound is not None:
-            identity, handle = bound
-            self.io.send(identity, Commit(handle, committed_len, tuple(new_tokens), int(verified)))
+        if told is not None:  # (None: unbound, or paused and held back: SessionTable.advance)
+            identity, handle, tokens = told
+            self.io.send(identity, Commit(handle, committed_len, tokens, int(verified)))
 
     @_never_raises(lambda: None, per_request=True)
     def end_request(self, request_id: str, reason: str) -> None:

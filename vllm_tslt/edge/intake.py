@@ -1,4 +1,4 @@
-"""Non-blocking draft intake: per step, wait for a late draft, park its request, or decode it plainly.
+"""Non-blocking draft intake: per step, wait for a late draft, park its request, or decode plainly.
 
 A request's draft for its committed sequence leaves the device only after the edge has told it that
 sequence, so it arrives `lateness` seconds after the commit (uplink + drafting + downlink: about
@@ -13,7 +13,8 @@ request whose draft is still in flight, between
 All three are exact: parking only delays a request, plain decoding is vLLM's own path, and a draft
 is used only for the committed prefix it was sampled for (as before). `decide_intake` is the
 policy, a pure function of measured costs; `Intake` holds the measurements and drives the hub
-(`DraftHub.in_flight` then `DraftHub.collect`) for the proposer and the fake engine alike.
+(`DraftHub.in_flight` then `DraftHub.collect`) for the proposer and the fake engine alike;
+`StepCost` is the proposer's fit of the engine's step time that feeds it.
 docs/intake.md explains the model and its parameters.
 """
 
@@ -27,12 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_tslt.core.estimators import Ewma
+from vllm_tslt.core.estimators import DiscountedLine, Ewma
+from vllm_tslt.protocol import EdgeStatus
 
 INTAKE_MODES = ("wait", "adaptive")  # == vllm_tslt.edge.config.INTAKE_MODES
 LATENESS_HALF_LIFE = 16.0  # drafts
 TOKENS_HALF_LIFE = 8.0  # drafted steps of one request
 STEP_HALF_LIFE = 16.0  # steps
+STEP_COST_HALF_LIFE = 32.0  # steps (StepCost's fit)
 # Tokens a drafted step is assumed to emit before any was measured on this edge (accepted + bonus):
 # 2 = one accepted draft token, enough to try drafts; measurements replace it within a few steps.
 PRIOR_TOKENS_PER_DRAFT = 2.0
@@ -173,6 +176,39 @@ def _someone_runs(pending: Sequence[Pending], park: set[str], batch: int) -> boo
     return batch - in_batch_parked + returning > 0
 
 
+class StepCost:
+    """The engine's step time as a + c · (draft tokens verified in the step), fitted online.
+
+    A step's time is from the end of one ``propose`` to the start of the next (the forward pass
+    that verifies the drafts handed out, sampling, scheduling; not the wait for drafts). Steps
+    after an idle gap (no request carried over) are skipped. ``a`` is what a plain step of the
+    running batch costs, ``c`` the verification cost per draft token: what devices need to decide
+    whether speculating pays under the current load (``EdgeStatus``).
+    """
+
+    def __init__(self) -> None:
+        self.line = DiscountedLine(STEP_COST_HALF_LIFE)
+        self._end: float | None = None
+        self._batch: frozenset[str] = frozenset()
+        self._draft_tokens = 0
+
+    def step_started(self, now: float, req_ids: list[str]) -> None:
+        if self._end is not None and not self._batch.isdisjoint(req_ids):
+            self.line.add(self._draft_tokens, now - self._end)
+
+    def step_ended(self, now: float, req_ids: list[str], draft_tokens: int) -> None:
+        self._end, self._batch, self._draft_tokens = now, frozenset(req_ids), draft_tokens
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, c) in seconds; None before the first step was measured."""
+        return self.line.fit() if self.line.count else None
+
+    def status(self, running: int) -> EdgeStatus | None:
+        fit = self.fit()
+        return None if fit is None else EdgeStatus(fit[0] * 1e3, fit[1] * 1e3, running)
+
+
+
 class Intake:
     """The edge's side of the intake policy: measurements, parked requests, and one call per step.
 
@@ -216,8 +252,9 @@ class Intake:
 
     def shuffle(self, request_id: str, seed: int | str) -> None:
         """Test-only: decide request_id's intake at random (wait, park or plain, each step its
-        draft is in flight) instead of by `decide_intake`. Every choice is one the policy can
-        make, so the request's output must still follow the target exactly."""
+        draft is in flight; `_shuffle_decision`) instead of by `decide_intake`, in mode
+        "adaptive". Every choice is one the policy can make there, so the request's output must
+        still follow the target exactly."""
         self._shuffled[request_id] = random.Random(f"{seed}:{request_id}")
 
     def forget(self, request_id: str) -> None:
@@ -238,7 +275,7 @@ class Intake:
 
         `batch_size` counts every request of the step just finished, bound or not. `step_cost`:
         the engine's fitted step time (a plain step, seconds per draft token verified), e.g. the
-        proposer's `StepCost`; without it the step time is this object's own average and
+        `StepCost` fit; without it the step time is this object's own average and
         verifying a draft is taken to cost nothing.
         """
         now = time.perf_counter()
@@ -258,7 +295,7 @@ class Intake:
         decision = decide_intake(pending, IntakeCosts(
             step_s, batch_size + len(returning), batch_size, self.max_wait_s,
             self.max_park_steps, self.mode, verify_s))
-        if self._shuffled:
+        if self._shuffled and self.mode == "adaptive":  # (`wait` never parks)
             decision = self._shuffle_decision(decision, pending, batch_size)
         drafts = hub.collect(candidates, decision.wait_s, wait_for=decision.wait_for,
                              defer=decision.park) if candidates else {}
@@ -273,25 +310,26 @@ class Intake:
 
     def _shuffle_decision(self, decision: IntakeDecision, pending: list[Pending],
                           batch_size: int) -> IntakeDecision:
-        """`decision` with the shuffled requests' choices drawn at random (`shuffle`): wait up to
-        the deadline, park (within max_park_steps, never emptying the next step) or plain."""
-        wait_for, park = set(decision.wait_for), set(decision.park)
+        """`decision` with the shuffled requests' choices drawn at random (`shuffle`): a third
+        of the steps wait up to the deadline for every shuffled draft in flight; in the others
+        each shuffled request is parked (within max_park_steps) or decodes plainly, at random.
+        (Per request, a single wait would let every draft of the step in and leave nothing to
+        park.) The other requests keep the policy's choices; when the shuffled parks would
+        empty the next step they decode plainly instead (an empty step hands no draft over)."""
+        shuffled = [p for p in pending if p.request_id in self._shuffled]
+        if not shuffled:
+            return decision
+        ids = {p.request_id for p in shuffled}
+        wait_for, park = set(decision.wait_for) - ids, set(decision.park) - ids
         wait_s = decision.wait_s
-        for p in pending:
-            rng = self._shuffled.get(p.request_id)
-            if rng is None:
-                continue
-            wait_for.discard(p.request_id)
-            park.discard(p.request_id)
-            can_park = p.parked_steps < self.max_park_steps
-            pick = rng.choice(("wait", "park", "plain") if can_park else ("wait", "plain"))
-            if pick == "wait":
-                wait_for.add(p.request_id)
-                wait_s = self.max_wait_s
-            elif pick == "park":
-                park.add(p.request_id)
-        if park and not _someone_runs(pending, park, batch_size):
-            park.clear()  # they decode plainly: an empty step hands no draft over
+        if self._shuffled[shuffled[0].request_id].random() < 1 / 3:
+            wait_for |= ids
+            wait_s = self.max_wait_s
+        else:
+            parks = {p.request_id for p in shuffled if p.parked_steps < self.max_park_steps
+                     and self._shuffled[p.request_id].random() < 0.5}
+            if _someone_runs(pending, park | parks, batch_size):
+                park |= parks
         return IntakeDecision(wait_s, frozenset(wait_for), frozenset(park), decision.value_s)
 
     @staticmethod

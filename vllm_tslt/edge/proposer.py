@@ -16,16 +16,15 @@ from typing import Any
 import torch
 
 from vllm_tslt import envs
-from vllm_tslt.core.estimators import DiscountedLine
 from vllm_tslt.core.float_q import FloatQ, concat_rows
 from vllm_tslt.core.sparsify import SparseQ
 from vllm_tslt.patches.draft_flag import DraftFlagWriter
 from vllm_tslt.patches.structured import cut_mode
-from vllm_tslt.protocol import Draft, EdgeStatus, vocab_fingerprint
+from vllm_tslt.protocol import Draft, vocab_fingerprint
 
 from .config import TsltConfig
 from .hub import DraftHub
-from .intake import Intake
+from .intake import Intake, StepCost
 from .parallel import EdgeParallel, InertHub
 from .stats import StatsWriter
 from .verify import SparseDraftProbs
@@ -39,41 +38,6 @@ TEST_TP_PERTURB_KEY = "tslt_test_tp_perturb"
 # Test-only (VLLM_TSLT_TEST_SWITCHES=1): this request's intake decisions (wait, park, plain) are
 # drawn at random from the given seed instead of by the policy (Intake.shuffle).
 TEST_INTAKE_SHUFFLE_KEY = "tslt_test_intake_shuffle"
-STEP_COST_HALF_LIFE = 32.0  # steps
-
-
-class StepCost:
-    """The engine's step time as a + c · (draft tokens verified in the step), fitted online.
-
-    A step's time is from the end of one ``propose`` to the start of the next (the forward pass
-    that verifies the drafts handed out, sampling, scheduling; not the wait for drafts). Steps
-    after an idle gap (no request carried over) are skipped. ``a`` is what a plain step of the
-    running batch costs, ``c`` the verification cost per draft token: what devices need to decide
-    whether speculating pays under the current load (``EdgeStatus``).
-    """
-
-    def __init__(self) -> None:
-        self.line = DiscountedLine(STEP_COST_HALF_LIFE)
-        self._end: float | None = None
-        self._batch: frozenset[str] = frozenset()
-        self._draft_tokens = 0
-
-    def step_started(self, now: float, req_ids: list[str]) -> None:
-        if self._end is not None and not self._batch.isdisjoint(req_ids):
-            self.line.add(self._draft_tokens, now - self._end)
-
-    def step_ended(self, now: float, req_ids: list[str], draft_tokens: int) -> None:
-        self._end, self._batch, self._draft_tokens = now, frozenset(req_ids), draft_tokens
-
-    def fit(self) -> tuple[float, float] | None:
-        """(a, c) in seconds; None before the first step was measured."""
-        return self.line.fit() if self.line.count else None
-
-    def status(self, running: int) -> EdgeStatus | None:
-        fit = self.fit()
-        return None if fit is None else EdgeStatus(fit[0] * 1e3, fit[1] * 1e3, running)
-
-
 def request_params(sampling_params: Any, max_gamma: int) -> dict[str, Any]:
     """What a device needs of a request's sampling params to draft well (scalars only)."""
     return {
@@ -181,7 +145,10 @@ class TsltProposer:
                             token_ids_cpu):
                 bound.append(rid)
         t1 = time.perf_counter()
-        drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids),
+        # The requests that run on after this step (a park must leave someone to run).
+        ending = sum(1 for i, rid in enumerate(req_ids)
+                     if int(num_tokens_no_spec[i]) >= self._max_len.get(rid, 1 << 62))
+        drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids) - ending,
                                                       self._step_cost_now())
                                    if bound or self.intake.parked else ({}, []))
         t2 = time.perf_counter()
@@ -206,8 +173,8 @@ class TsltProposer:
     def _step_cost_now(self) -> tuple[float, float] | None:
         """(a step's time as the last one's load makes it, seconds per draft token verified):
         the fitted plain step plus the verification of the draft tokens handed out for the step
-        just finished (vLLM's count; a step that verifies drafts lasts longer, so an extra token saves more
-        and a late draft is fewer steps away)."""
+        just finished (vLLM's count; a step that verifies drafts lasts longer, so an extra token
+        saves more and a late draft is fewer steps away)."""
         fit = self.step_cost.fit()
         if fit is None:
             return None

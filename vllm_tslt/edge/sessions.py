@@ -37,6 +37,11 @@ SESSION_IDLE_TIMEOUT_S = 300.0
 # (a stalled or vanished device costs at most this many deadlines) until it sends a draft again.
 MAX_MISSED_DEADLINES = 3
 COMMIT_TIMES_KEPT = 8  # commit times kept per request, to measure the lateness of late drafts
+# A paused device (adaptive γ off: it drafts nothing until its next probe) needs the committed
+# tokens only to keep its context for that probe, so its commits are held back and sent together
+# at most this often instead of one per engine step: a bound but idle device then costs the edge
+# a message every PAUSED_COMMIT_INTERVAL_S, not every step. Its probe waits up to this long more.
+PAUSED_COMMIT_INTERVAL_S = 0.1
 
 
 class CommitLengthError(ValueError):
@@ -69,6 +74,8 @@ class BoundRequest:
     # committed length -> when the edge committed it (monotonic), until a draft answers it; the
     # last COMMIT_TIMES_KEPT
     commit_times: dict[int, float] = field(default_factory=dict)
+    held: list[int] = field(default_factory=list)  # committed tokens not yet told (paused)
+    told_at: float = 0.0  # when the device was last sent a commit (monotonic)
 
     def committed(self, length: int) -> None:
         self.commit_times[length] = time.monotonic()
@@ -192,11 +199,14 @@ class SessionTable:
             self.counters["requests_bound"] += 1
             return session.identity, handle
 
-    def advance(self, request_id: str, committed_len: int,
-                new_tokens: Sequence[int]) -> tuple[bytes, int] | None:
-        """Append committed tokens and drop drafts for shorter prefixes. (The routing id to tell,
-        the request's handle), or None (not bound, or its session is gone). Raises CommitLengthError, changing nothing,
-        when committed_len is not the bound length plus len(new_tokens)."""
+    def advance(self, request_id: str, committed_len: int, new_tokens: Sequence[int],
+                verified: int = 0) -> tuple[bytes, int, tuple[int, ...]] | None:
+        """Append committed tokens and drop drafts for shorter prefixes. Returns what to tell the
+        device: (its routing id, the request's handle, the committed tokens it has not been told,
+        ending at committed_len), or None: not bound, its session is gone, or the request is
+        paused and its tokens are held back (PAUSED_COMMIT_INTERVAL_S; a step that verified
+        drafts is never held). Raises CommitLengthError, changing nothing, when committed_len is
+        not the bound length plus len(new_tokens)."""
         with self.cond:
             req = self.requests.get(request_id)
             if req is None:
@@ -206,12 +216,24 @@ class SessionTable:
                 raise CommitLengthError(
                     f"commit for {request_id}: length {committed_len} after {len(new_tokens)} "
                     f"new tokens, expected {expected}")
+            now = time.monotonic()
+            hold = (req.paused and verified == 0
+                    and now - req.told_at < PAUSED_COMMIT_INTERVAL_S)
             req.hasher.update(new_tokens)
-            req.committed(committed_len)
+            if not hold:  # (lateness counts from when the device is told)
+                req.committed(committed_len)
             req.drafts = {n: d for n, d in req.drafts.items() if n >= committed_len}
             self._promote_locked(req)
             session = self.sessions.get(req.session_id)
-            return (session.identity, req.handle) if session is not None else None
+            if session is None:
+                return None
+            if hold:
+                req.held.extend(new_tokens)
+                self.counters["commits_held"] += 1
+                return None
+            tokens = (*req.held, *new_tokens)
+            req.held, req.told_at = [], now
+            return session.identity, req.handle, tokens
 
     def unbind(self, request_id: str) -> tuple[bytes, int] | None:
         """Forget a request and its drafts. (The routing id of its live session, its handle), or
