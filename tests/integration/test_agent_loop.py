@@ -145,8 +145,10 @@ def test_greedy_loop_output_equals_target_alone(loop, models):
 def test_a_paused_agent_follows_commits_sent_together(models, caplog):
     """Speculation off (min_speedup out of reach), a probe every 0.3 s: the hub holds the paused
     device's commits back and sends them together (sessions.PAUSED_COMMIT_INTERVAL_S); the agent
-    follows them (no request dropped for a mismatch), it is told fewer commits than the engine
-    took steps, its probes still reach the hub, and the output is the target's greedy one."""
+    follows them (no request dropped for a mismatch, no draft for a prefix that was not
+    committed), it is told fewer commits than the engine took steps, it probes and pauses again,
+    and the output is the target's greedy one (holding changes no output: the drafts it may drop
+    are verified exactly or not used)."""
     drafter, target = models
     hub = DraftHub(TsltConfig(bind="tcp://127.0.0.1:0", draft_deadline_ms=200),
                    vocab_size=drafter.vocab_size, vocab_fingerprint=drafter.fingerprint(),
@@ -166,9 +168,10 @@ def test_a_paused_agent_follows_commits_sent_together(models, caplog):
         runtime.stop()
         hub.close()
     assert out == greedy_reference(target, prompt, 80)
-    assert snap["pauses"] > 0 and snap.get("commits_held", 0) > 0, snap
+    # Paused more than once: a probe (a draft after a held-back commit) came and it paused again.
+    assert snap["pauses"] >= 2 and snap.get("commits_held", 0) > 0, snap
     assert stats["commits"] < engine.steps, (stats["commits"], engine.steps)
-    assert snap["drafts_received"] > 0  # probes
+    assert snap.get("dropped_stale", 0) == 0, snap  # never a draft for a prefix not committed
     assert "dropping request" not in caplog.text
     print("paused:", {k: snap[k] for k in ("pauses", "commits_held", "drafts_received")},
           "device commits", stats["commits"], "engine steps", engine.steps)

@@ -75,6 +75,35 @@ def test_pause_stops_the_wait_until_the_next_draft(hub):
     dev.close()
 
 
+def test_a_paused_devices_commits_come_together_and_verified_stays_per_step(hub, monkeypatch):
+    """Paused: commits within PAUSED_COMMIT_INTERVAL_S are held and told in one Commit; a step
+    that verified drafts is told at once, after a separate verified-0 Commit of the held tokens
+    (a sent-ahead draft can be used while paused), so `verified` always speaks of its own
+    tokens."""
+    from vllm_tslt.edge import sessions
+
+    monkeypatch.setattr(sessions, "PAUSED_COMMIT_INTERVAL_S", 60.0)
+    dev = Peer(hub.endpoint)
+    sid = dev.handshake().session_id
+    _start(hub, dev, sid)  # told [7]: length 4
+    dev.send(Pause(1))
+    deadline = time.monotonic() + 2
+    while hub.snapshot().get("pauses", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hub.commit("r1", 5, [8])  # held
+    hub.commit("r1", 6, [9])  # held
+    hub.commit("r1", 8, [10, 11], verified=2)  # told, after the held ones
+    hub.commit("r1", 9, [12])  # held
+    monkeypatch.setattr(sessions, "PAUSED_COMMIT_INTERVAL_S", 0.0)
+    hub.commit("r1", 10, [13])  # the interval passed: told with the held one
+    got = [dev.recv() for _ in range(3)]
+    assert [(c.committed_len, c.new_tokens, c.verified) for c in got] == [
+        (6, (8, 9), 0), (8, (10, 11), 2), (10, (12, 13), 0)], got
+    assert hub.snapshot()["commits_held"] == 3
+    assert not dev.sock.poll(100)  # nothing else was sent
+    dev.close()
+
+
 def test_status_reaches_sessions_with_running_requests(hub):
     busy, idle = Peer(hub.endpoint), Peer(hub.endpoint)
     sid = busy.handshake().session_id

@@ -98,32 +98,60 @@ def test_lateness_counts_a_draft_sent_ahead_as_in_time(table) -> None:
 
 
 def test_a_paused_devices_commits_are_held_and_sent_together(table, monkeypatch) -> None:
-    """A paused device is told its committed tokens at most every PAUSED_COMMIT_INTERVAL_S, all
-    of them at once; a step that verified drafts and any step after a draft arrives are told at
-    once; nothing is lost or reordered."""
+    """A paused device is told its committed tokens at most every PAUSED_COMMIT_INTERVAL_S, the
+    held ones with the step's (`advance` returns the held ones); a step that verified drafts is
+    told at once; nothing is lost or reordered, and the hash follows every token."""
     from vllm_tslt.edge import sessions
 
     table, session = table
     clock = [100.0]
     monkeypatch.setattr(sessions.time, "monotonic", lambda: clock[0])
-    assert table.advance("r", 4, [4]) == (b"dev", 1, (4,))  # not paused: told every step
+    assert table.advance("r", 4, [4]) == (b"dev", 1, ())  # not paused: told every step
     table.pause(session, 1)
     clock[0] += 0.01
     assert table.advance("r", 5, [5]) is None  # paused, told 10 ms ago: held
     clock[0] += 0.01
     assert table.advance("r", 7, [6, 7]) is None
     clock[0] += sessions.PAUSED_COMMIT_INTERVAL_S
-    assert table.advance("r", 8, [8]) == (b"dev", 1, (5, 6, 7, 8))  # the interval passed
+    assert table.advance("r", 8, [8]) == (b"dev", 1, (5, 6, 7))  # the interval passed
     assert table.counters["commits_held"] == 2
+    # Only the commit it was told counts for lateness: the older ones it will never answer.
+    assert list(table.requests["r"].commit_times) == [8]
     clock[0] += 0.01
     assert table.advance("r", 9, [9]) is None
-    # A probe draft (for the prefix the device knows) ends the pause: the next commit tells all.
-    _store(table, session, _draft([*PROMPT, 4, 5, 6, 7, 8], [1]))
     clock[0] += 0.001
-    assert table.advance("r", 10, [10]) == (b"dev", 1, (9, 10))
-    table.pause(session, 1)
-    clock[0] += 0.001
-    assert table.advance("r", 12, [11, 12], verified=1) == (b"dev", 1, (11, 12))  # verified
+    assert table.advance("r", 11, [10, 11], verified=1) == (b"dev", 1, (9,))  # verified
     # The hash followed every token, held or told: a draft for the full prefix is usable.
-    _store(table, session, _draft([*PROMPT, *range(4, 13)], [1]))
+    _store(table, session, _draft([*PROMPT, *range(4, 12)], [1]))
     assert list(table.collect(["r"], 0.0)) == ["r"]
+
+
+def test_a_draft_while_tokens_are_held_does_not_make_the_edge_wait(table, monkeypatch) -> None:
+    """A probe draft for the prefix the device was told, arriving while later tokens are held:
+    it cannot be used, and the device cannot draft for the current prefix until told, so the
+    request stays out of the wait until the next commit tells it everything and ends the pause."""
+    from vllm_tslt.edge import sessions
+
+    table, session = table
+    clock, tick = [100.0], [0.0]
+
+    def monotonic() -> float:
+        clock[0] += tick[0]
+        return clock[0]
+
+    monkeypatch.setattr(sessions.time, "monotonic", monotonic)
+    table.advance("r", 4, [4])
+    table.pause(session, 1)
+    clock[0] += 0.01
+    assert table.advance("r", 5, [5]) is None
+    _store(table, session, _draft([*PROMPT, 4], [1]))  # the probe: for what it was told
+    assert table.in_flight(["r"]) == {}
+    tick[0], before = 0.01, clock[0]  # each clock read moves it on: a wait ends at its deadline
+    assert table.collect(["r"], 0.5) == {}
+    assert clock[0] - before < 0.1  # no wait (a wait would have run to 0.5)
+    tick[0] = 0.0
+    clock[0] += 0.001
+    assert table.advance("r", 6, [6]) == (b"dev", 1, (5,))  # told at once, pause over
+    req = table.requests["r"]
+    assert not req.paused and not req.resuming and list(req.commit_times) == [6]
+    assert "r" in table.in_flight(["r"])  # its drafts are waited for again

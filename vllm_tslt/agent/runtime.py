@@ -223,9 +223,11 @@ class DraftRuntime:
         if track.last_commit_at is not None:
             if track.gamma:  # we were drafting for this interval: what did it deliver?
                 self.gamma_ctl.observe_interval(len(msg.new_tokens), now - track.last_commit_at)
-            elif msg.verified == 0 and len(msg.new_tokens) == 1:
-                # The edge decoded this step alone: the target-only step time we compare against.
-                self.gamma_ctl.observe_target_step(now - track.last_commit_at)
+            elif msg.verified == 0 and msg.new_tokens:
+                # The edge decoded alone: the target-only step time we compare against (a paused
+                # request's commits come together, one token per plain step).
+                self.gamma_ctl.observe_target_step((now - track.last_commit_at)
+                                                   / len(msg.new_tokens))
         branch = self._take_branch(track, msg)
         if branch is not None:  # the edge committed a branch's prefix: it becomes the request
             track.state, matched = branch.state, -1

@@ -138,9 +138,14 @@ class DraftHub:
         except CommitLengthError as exc:
             self._anomaly("commit_length", request_id, exc, traceback=False)
             return
-        if told is not None:  # (None: unbound, or paused and held back: SessionTable.advance)
-            identity, handle, tokens = told
-            self.io.send(identity, Commit(handle, committed_len, tokens, int(verified)))
+        if told is None:  # unbound, or paused and held back (SessionTable.advance)
+            return
+        identity, handle, held = told
+        new = tuple(new_tokens)
+        if held and verified:  # `verified` speaks of this step's tokens only: tell the rest first
+            self.io.send(identity, Commit(handle, committed_len - len(new), held, 0))
+            held = ()
+        self.io.send(identity, Commit(handle, committed_len, (*held, *new), int(verified)))
 
     @_never_raises(lambda: None, per_request=True)
     def end_request(self, request_id: str, reason: str) -> None:

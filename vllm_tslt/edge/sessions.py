@@ -76,6 +76,9 @@ class BoundRequest:
     commit_times: dict[int, float] = field(default_factory=dict)
     held: list[int] = field(default_factory=list)  # committed tokens not yet told (paused)
     told_at: float = 0.0  # when the device was last sent a commit (monotonic)
+    # A draft came while tokens were held: the next commit tells them and ends the pause (until
+    # then the edge does not wait for a draft the device cannot make: it lacks the prefix).
+    resuming: bool = False
 
     def committed(self, length: int) -> None:
         self.commit_times[length] = time.monotonic()
@@ -201,12 +204,13 @@ class SessionTable:
 
     def advance(self, request_id: str, committed_len: int, new_tokens: Sequence[int],
                 verified: int = 0) -> tuple[bytes, int, tuple[int, ...]] | None:
-        """Append committed tokens and drop drafts for shorter prefixes. Returns what to tell the
-        device: (its routing id, the request's handle, the committed tokens it has not been told,
-        ending at committed_len), or None: not bound, its session is gone, or the request is
-        paused and its tokens are held back (PAUSED_COMMIT_INTERVAL_S; a step that verified
-        drafts is never held). Raises CommitLengthError, changing nothing, when committed_len is
-        not the bound length plus len(new_tokens)."""
+        """Append committed tokens and drop drafts for shorter prefixes. Returns whom to tell:
+        (the device's routing id, the request's handle, the committed tokens held back before
+        new_tokens, which the device has not been told yet), or None: not bound, its session is
+        gone, or the request is paused and new_tokens are held back too (PAUSED_COMMIT_INTERVAL_S;
+        a step that verified drafts, or the first after the device drafts again, is never held).
+        Raises CommitLengthError, changing nothing, when committed_len is not the bound length
+        plus len(new_tokens)."""
         with self.cond:
             req = self.requests.get(request_id)
             if req is None:
@@ -217,10 +221,12 @@ class SessionTable:
                     f"commit for {request_id}: length {committed_len} after {len(new_tokens)} "
                     f"new tokens, expected {expected}")
             now = time.monotonic()
-            hold = (req.paused and verified == 0
+            hold = (req.paused and not req.resuming and verified == 0
                     and now - req.told_at < PAUSED_COMMIT_INTERVAL_S)
             req.hasher.update(new_tokens)
-            if not hold:  # (lateness counts from when the device is told)
+            if not hold:  # lateness counts from when the device is told
+                if req.paused:  # a paused device answers none of the older commits
+                    req.commit_times.clear()
                 req.committed(committed_len)
             req.drafts = {n: d for n, d in req.drafts.items() if n >= committed_len}
             self._promote_locked(req)
@@ -231,9 +237,10 @@ class SessionTable:
                 req.held.extend(new_tokens)
                 self.counters["commits_held"] += 1
                 return None
-            tokens = (*req.held, *new_tokens)
-            req.held, req.told_at = [], now
-            return session.identity, req.handle, tokens
+            held, req.held, req.told_at = tuple(req.held), [], now
+            if req.resuming:  # told everything: wait for its drafts from now on
+                req.paused = req.resuming = False
+            return session.identity, req.handle, held
 
     def unbind(self, request_id: str) -> tuple[bytes, int] | None:
         """Forget a request and its drafts. (The routing id of its live session, its handle), or
@@ -277,7 +284,10 @@ class SessionTable:
             if req is None:
                 self.counters["dropped_unknown_request"] += 1
                 return True
-            req.paused = False  # drafting again: wait for its drafts from now on
+            if req.held:  # it drafted for a prefix it was told; tell it the rest first
+                req.resuming = True
+            else:
+                req.paused = False  # drafting again: wait for its drafts from now on
             # Lateness from the oldest commit this draft answers: a busy device drafts for the
             # latest context only, so that is how long a request left waiting would wait. A draft
             # sent ahead (for a longer prefix) answers no commit yet: if its prefix is committed,

@@ -83,7 +83,8 @@ class Commit:
 
     ``verified``: draft tokens the edge verified in the step that emitted ``new_tokens`` (0: it
     decoded that step without a draft of this device: late, paused, or declined by the intake
-    policy). Without it a plain step whose token differs from the draft's first token looks like a
+    policy). A paused device's commits are sent together (docs/protocol.md): then ``new_tokens``
+    spans several plain steps and ``verified`` is 0. Without it a plain step whose token differs from the draft's first token looks like a
     rejection at position 0, and the device's acceptance estimate sinks.
     """
 
