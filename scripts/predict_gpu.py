@@ -43,7 +43,6 @@ H200_BF16 = 989e12  # dense FLOP/s
 # The edge's plain step over target-only's: 1 / 0.968, the overhead benchmark's median for the
 # edge without a device on the base pair at concurrency 1 (docs/benchmarks/overhead/report.md).
 EDGE_OVERHEAD = 1 / 0.968
-HELD_OUT_ALPHA = 0.7791  # the base pair's E Σ min(p, q) on held-out text (docs/models.md)
 TARGETS = {0.5: 1.6, 2.0: 1.3}  # issue 14: RTT / step -> speedup over target-only, one device
 GAMMA = 4
 STEADY_DRAFTS = 3.5  # cells with fewer draft tokens per step had steps without one (deadlines)
@@ -108,7 +107,13 @@ def _measure(path: Path, r: dict, t: dict) -> dict:
     }
 
 
-def _predict(cells: list[dict]) -> dict:
+def _held_out_alpha(paths: list[Path]) -> float:
+    """The pair's E Σ min(p, q) on held-out text as the runs' pair build measured it (median)."""
+    return statistics.median(json.loads(p.read_text())["meta"]["pair_stats"]["alpha"]
+                             for p in paths)
+
+
+def _predict(cells: list[dict], held_out_alpha: float) -> dict:
     steady = [c for c in cells if c["steady"]]
     hit = statistics.median(c["hit"] for c in steady)
     extra = statistics.median(c["extra"] for c in steady)
@@ -117,7 +122,7 @@ def _predict(cells: list[dict]) -> dict:
     kappa = roofline_verify_cost(H200_HBM, H200_BF16)
     rows, many = [], []
     for rho, goal in TARGETS.items():
-        for a, a_name in ((alpha, "sampled text, measured"), (HELD_OUT_ALPHA, "held-out text")):
+        for a, a_name in ((alpha, "sampled text, measured"), (held_out_alpha, "held-out text")):
             for k, k_name in ((kappa, "roofline"), (4 * kappa, "4x roofline")):
                 for e, e_name in ((0.0, "0"), (extra, "as measured here")):
                     costs = RoundCosts(alpha=a, gamma=GAMMA, rtt=rho, draft=delta, verify=k,
@@ -133,7 +138,8 @@ def _predict(cells: list[dict]) -> dict:
                          "colocated": {str(x): colocated_speedup(costs, x)
                                        for x in COLOCATED_DRAFT}})
     return {"hit": hit, "extra": extra, "delta": delta, "alpha": alpha, "kappa": kappa,
-            "overhead": EDGE_OVERHEAD, "steady_cells": len(steady), "rows": rows,
+            "overhead": EDGE_OVERHEAD, "steady_cells": len(steady),
+            "steady_rtts": sorted({c["rtt_over_step"] for c in steady}), "rows": rows,
             "many_devices": many}
 
 
@@ -209,8 +215,10 @@ def _prediction_section(pred: dict) -> list[str]:
         f"{pred['kappa']:.4f} per draft token is an H200's roofline (4.8 TB/s over 989 TFLOP/s "
         "bf16: one more token of a memory-bound decode step), 4× that a margin for kernels "
         "below the roofline; α: the median per-position α of the steady cells above, and the "
-        "pair's held-out α (docs/models.md). *all hits*: h = 1; *h needed*: the hit rate at "
-        "which waiting reaches the issue's target.", "",
+        "pair's held-out α (its build's E Σ min(p, q)). *all hits*: h = 1; *h needed*: the hit "
+        "rate at which waiting reaches the issue's target. The steady cells behind h and ε ran "
+        f"at RTT / step {', '.join(str(r) for r in pred['steady_rtts'])} only; rows at other "
+        "RTTs carry those over.", "",
         "| RTT/step | target | α | κ | ε | speedup | all hits | h needed |",
         "|---:|---:|---|---|---|---:|---:|---:|"]
     for r in pred["rows"]:
@@ -261,8 +269,9 @@ def _reading_section(cells: list[dict], pred: dict, adaptive_hits: list[float]) 
         "measurement should check first.",
         "- The model covers `intake: wait`. Under the adaptive intake a miss decodes plainly and "
         "the device's context then moves one token per step, so its hit rate is another "
-        f"quantity (the devices' count: {min(adaptive_hits):.2f}–{max(adaptive_hits):.2f} of "
-        f"their commits in {len(adaptive_hits)} cells); no adaptive prediction is made.", ""]
+        f"quantity (`hit_rate` in those cells: {min(adaptive_hits):.2f}–"
+        f"{max(adaptive_hits):.2f}, {len(adaptive_hits)} cells); no adaptive prediction is "
+        "made.", ""]
 
 
 def _report(cells: list[dict], pred: dict, sixteen: list[dict], adaptive_hits: list[float],
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
               f"≥ {STEADY_DRAFTS} draft tokens per step in the results given "
               "(run scripts/bench_capacity.py --intake)", file=sys.stderr)
         return 2
-    pred = _predict(cells)
+    pred = _predict(cells, _held_out_alpha(args.results))
     sixteen = _sixteen(args.results)
     adaptive_hits = _adaptive_hits(args.results) or [float("nan")]
     inputs = [str(f.relative_to(ROOT) if f.is_relative_to(ROOT) else f) for f in args.results]
