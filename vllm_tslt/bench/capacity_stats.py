@@ -20,6 +20,7 @@ INTAKE = ("intake_waits", "intake_waited_requests", "intake_wait_misses", "intak
 # The hub's own counts: drafts sent ahead, those a commit found waiting (the edge-side hit rate
 # of scripts/predict_gpu.py), commits to paused devices held back.
 HUB = ("drafts_ahead", "drafts_ahead_hits", "commits_held")
+EDGE_COUNTERS = (*MOMENTS, *EDGE_TIMES, *INTAKE, *HUB)  # vllm_tslt_<name>_total on /metrics
 
 
 def acceptance_from_moments(m: dict[str, float]) -> tuple[float | None, float | None, int]:
@@ -62,8 +63,7 @@ def quantile(xs: list[float], q: float) -> float | None:
 
 def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0, "steps": 0.0,
-                           "per_pos": {},
-                           **{k: 0.0 for k in (*MOMENTS, *EDGE_TIMES, *INTAKE, *HUB)}}
+                           "per_pos": {}, **{k: 0.0 for k in EDGE_COUNTERS}}
     names = {"vllm:spec_decode_num_drafts_total": "drafts",
              "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
              "vllm:spec_decode_num_accepted_tokens_total": "accepted",
@@ -73,7 +73,7 @@ def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
         if name in names:
             out[names[name]] += value
         elif name.startswith("vllm_tslt_") and \
-                name[10:].removesuffix("_total") in (*MOMENTS, *EDGE_TIMES, *INTAKE, *HUB):
+                name[10:].removesuffix("_total") in EDGE_COUNTERS:
             out[name[10:].removesuffix("_total")] += value
         elif name == "vllm:spec_decode_num_accepted_tokens_per_pos_total":
             pos = int(labels.split('position="')[1].split('"')[0])
@@ -83,7 +83,7 @@ def spec_counters(metrics: dict[str, float]) -> dict[str, Any]:
 
 def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     out = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted", "steps",
-                                             *MOMENTS, *EDGE_TIMES, *INTAKE, *HUB)}
+                                             *EDGE_COUNTERS)}
     out["per_pos"] = [after["per_pos"].get(j, 0.0) - before["per_pos"].get(j, 0.0)
                       for j in sorted(after["per_pos"])]
     return out

@@ -208,7 +208,6 @@ class StepCost:
         return None if fit is None else EdgeStatus(fit[0] * 1e3, fit[1] * 1e3, running)
 
 
-
 class Intake:
     """The edge's side of the intake policy: measurements, parked requests, and one call per step.
 

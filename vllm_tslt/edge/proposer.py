@@ -38,6 +38,8 @@ TEST_TP_PERTURB_KEY = "tslt_test_tp_perturb"
 # Test-only (VLLM_TSLT_TEST_SWITCHES=1): this request's intake decisions (wait, park, plain) are
 # drawn at random from the given seed instead of by the policy (Intake.shuffle).
 TEST_INTAKE_SHUFFLE_KEY = "tslt_test_intake_shuffle"
+
+
 def request_params(sampling_params: Any, max_gamma: int) -> dict[str, Any]:
     """What a device needs of a request's sampling params to draft well (scalars only)."""
     return {
@@ -136,7 +138,7 @@ class TsltProposer:
         runner = self._runner
         req_ids = list(runner.input_batch.req_ids)
         self.step_cost.step_started(t0, req_ids)
-        bound = []
+        bound, ending = [], 0  # ending: requests this step ends (a park must leave one running)
         for i, rid in enumerate(req_ids):
             if rid in self._verified and sampled_token_ids[i]:  # tokens of a drafted step
                 self.intake.observe(rid, len(sampled_token_ids[i]))
@@ -144,10 +146,8 @@ class TsltProposer:
             if self._commit(runner, rid, i, sampled_token_ids[i], num_tokens_no_spec,
                             token_ids_cpu):
                 bound.append(rid)
+            ending += int(num_tokens_no_spec[i]) >= self._max_len.get(rid, 1 << 62)
         t1 = time.perf_counter()
-        # The requests that run on after this step (a park must leave someone to run).
-        ending = sum(1 for i, rid in enumerate(req_ids)
-                     if int(num_tokens_no_spec[i]) >= self._max_len.get(rid, 1 << 62))
         drafts, self._park_next = (self.intake.gather(self.hub, bound, len(req_ids) - ending,
                                                       self._step_cost_now())
                                    if bound or self.intake.parked else ({}, []))
